@@ -1,0 +1,62 @@
+# cbec-ai: the two commands are `make run` and `make test`. Everything else is a step they use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON_BIN ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+SITE := $(VENV)/lib/python3.11/site-packages
+PROTO_FILES := $(shell find protos -name '*.proto')
+GOOGLE_PROTOS := google/api/annotations.proto google/api/http.proto google/rpc/status.proto google/rpc/error_details.proto
+# faiss's bundled OpenBLAS misdetects these CPUs; faiss and LightGBM share OpenMP politely with PASSIVE.
+export OPENBLAS_CORETYPE ?= Haswell
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: run test lint bench setup protos clean help
+
+help:
+	@echo "make run    set everything up, start every service and the gateway, Ctrl-C stops them"
+	@echo "make test   the whole test suite (lint included), from a fresh clone"
+	@echo "make lint   ruff + buf lint"
+	@echo "make bench  benchmarks -> bench/results/*.json"
+
+# --- set-up (each step is skipped when its stamp is newer than its inputs) ---
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# torch first and pinned: the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --progress-bar on torch==2.13.0
+	$(PY) -m pip install --quiet --progress-bar on -c constraints.txt -e ".[all,dev]"
+	@# Generated stubs live in gen/ (never committed); make them importable in this venv.
+	echo "$(CURDIR)/gen" > $(SITE)/cbec-gen.pth
+	touch $@
+
+setup: $(VENV)/.installed gen/.stamp
+
+# Stubs are generated from the protos, never written by hand. The googleapis protos come from the
+# installed googleapis-common-protos package (whose _pb2 modules we import), copied for buf.
+gen/.stamp: $(PROTO_FILES) $(VENV)/.installed
+	rm -rf gen build/protodeps && mkdir -p gen build/protodeps
+	cd $(SITE) && cp --parents $(GOOGLE_PROTOS) $(CURDIR)/build/protodeps/
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --python_out=gen --pyi_out=gen --grpc_python_out=gen \
+		--descriptor_set_out=gen/cbec.binpb --include_imports $(PROTO_FILES)
+	touch $@
+
+protos: gen/.stamp
+
+# --- the two commands ---
+run: setup
+	$(PY) -m services.runtime.launcher
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/buf lint
+
+bench: setup
+	$(PY) -m bench.runtime
+
+clean:
+	rm -rf gen build .pytest_cache .ruff_cache

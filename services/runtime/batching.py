@@ -1,0 +1,207 @@
+"""Dynamic micro-batching for model inference, after Triton's dynamic batcher.
+
+Requests wait in a bounded queue until ``max_batch_size`` are there or the oldest has waited
+``max_delay_s``; the batch then runs in a worker thread so the event loop keeps accepting calls while
+the next batch fills. A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose deadline
+passes while queued is dropped before compute (DEADLINE_EXCEEDED); a cancelled caller's item is
+skipped. If a batch raises, its items are re-run one by one so one bad item fails only its own
+request. A batch function may also return an Exception in an item's place to fail just that item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import DeadlineExceeded, ResourceExhausted
+from .metrics import RuntimeMetrics
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+log = logging.getLogger("cbec.batching")
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued: float
+    deadline: float | None = None
+
+
+@dataclass
+class BatcherConfig:
+    max_batch_size: int = 32
+    max_delay_s: float = 0.005
+    max_queue: int = 1024
+    # Batches computed at the same time (Triton's instance count); 1 suits one CPU model.
+    concurrency: int = 1
+    name: str = "model"
+
+
+class MicroBatcher(Generic[In, Out]):
+    """``await batcher.submit(item, timeout)`` returns ``fn([.., item, ..])[i]``."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[In]], Sequence[Out | BaseException]],
+        config: BatcherConfig,
+        metrics: RuntimeMetrics | None = None,
+    ) -> None:
+        self._fn = fn
+        self.config = config
+        self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(maxsize=config.max_queue)
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.concurrency, thread_name_prefix=f"batch-{config.name}"
+        )
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._metrics = metrics
+        name = config.name
+        self._m = (
+            (
+                metrics.queue_depth.labels(name),
+                metrics.batch_size.labels(name),
+                metrics.inference_seconds.labels(name),
+                metrics.queue_seconds.labels(name),
+                metrics.queue_rejected.labels(name),
+            )
+            if metrics
+            else None
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"batcher-{self.config.name}"
+            )
+
+    async def close(self) -> None:
+        """Stop taking items, finish the batches already running, fail what is still queued."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(ResourceExhausted("model is shutting down", retry_after_s=1.0))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, item: In, time_remaining: float | None = None) -> Out:
+        """Queue one item and wait for its result. ``time_remaining`` (the caller's deadline, in seconds)
+        drops the item unless its batch starts in time; a full queue raises RESOURCE_EXHAUSTED."""
+        if self._loop_task is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = None if time_remaining is None else now + time_remaining
+        pending = _Pending(item, loop.create_future(), now, deadline)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            if self._m:
+                self._m[4].inc()
+            raise ResourceExhausted(
+                f"{self.config.name} queue is full ({self.config.max_queue} waiting)", retry_after_s=0.05
+            ) from None
+        if self._m:
+            self._m[0].set(self._queue.qsize())
+        return await pending.future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            flush_at = first.enqueued + self.config.max_delay_s
+            while len(batch) < self.config.max_batch_size:
+                wait = flush_at - time.monotonic()
+                if wait <= 0:
+                    while len(batch) < self.config.max_batch_size and not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), wait))
+                except TimeoutError:
+                    break
+            if self._m:
+                self._m[0].set(self._queue.qsize())
+            live = self._live(batch)
+            if not live:
+                continue
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._compute(live))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _live(batch: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.done():  # caller went away (cancelled)
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                pending.future.set_exception(
+                    DeadlineExceeded("deadline passed while waiting for a model batch")
+                )
+                continue
+            live.append(pending)
+        return live
+
+    async def _compute(self, batch: list[_Pending[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            if self._m:
+                self._m[1].observe(len(batch))
+                for pending in batch:
+                    self._m[3].observe(started - pending.enqueued)
+            items = [p.item for p in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._call, items)
+            except Exception as exc:
+                if len(batch) == 1:
+                    results = [exc]
+                else:
+                    log.warning("batch of %d failed (%s); isolating the bad items", len(batch), exc)
+                    results = [
+                        await loop.run_in_executor(self._executor, self._call_one, p.item) for p in batch
+                    ]
+            if self._m:
+                self._m[2].observe(time.monotonic() - started)
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+        finally:
+            self._slots.release()
+
+    def _call(self, items: list[In]) -> Sequence[Out | BaseException]:
+        results = self._fn(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _call_one(self, item: In) -> Out | BaseException:
+        try:
+            return self._call([item])[0]
+        except Exception as exc:
+            return exc

@@ -1,0 +1,105 @@
+"""Typed configuration read from the environment (prefix ``CBEC_``) and validated at start.
+
+A bad value stops start-up with a message naming the environment variable, not a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CBEC_"
+
+# gRPC and metrics ports per service; the environment overrides them.
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "gateway": (50050, 9100),
+    "recommender": (50051, 9101),
+    "chat": (50052, 9102),
+    "sentiment": (50053, 9103),
+    "vision": (50054, 9104),
+    "risk": (50055, 9105),
+}
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class RuntimeSettings(BaseSettings):
+    """Settings every service shares. Services subclass it to add their own fields."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    service: str = Field(description="Service name; selects default ports and the model store folder.")
+    host: str = "0.0.0.0"
+    grpc_port: int = Field(0, ge=0, le=65535, description="0 picks a free port (tests).")
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_enabled: bool = True
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    max_concurrent_calls: int = Field(256, ge=1, le=100_000)
+    grace_period_s: float = Field(20.0, ge=0, le=600)
+    keepalive_time_s: float = Field(30.0, gt=0)
+    models_dir: Path = Path("models")
+    model_version: str = Field("", description="Pin a model version; empty loads the newest valid one.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(False, description="Log every call (not only failures) at INFO.")
+    batch_max_size: int = Field(32, ge=1, le=4096)
+    batch_max_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    batch_queue_size: int = Field(1024, ge=1, le=1_000_000)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_ports(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ports = DEFAULT_PORTS.get(str(data.get("service", "")))
+            if ports:
+                data.setdefault("grpc_port", ports[0])
+                data.setdefault("metrics_port", ports[1])
+        return data
+
+    @property
+    def service_models_dir(self) -> Path:
+        return self.models_dir / self.service
+
+
+class ConfigError(SystemExit):
+    """Raised (and exits with status 2) when the environment holds an invalid value."""
+
+
+S = TypeVar("S", bound=RuntimeSettings)
+
+
+def env_var_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "?"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f"={value!r}"
+        lines.append(f"  {env_var_name(field)}{shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(cls: type[S], service: str, **overrides: Any) -> S:
+    """Read and validate settings; on error print which variable is wrong and exit(2)."""
+    try:
+        return cls(service=service, **overrides)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        print(message, file=sys.stderr)
+        raise ConfigError(2) from exc

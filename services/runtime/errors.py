@@ -1,0 +1,109 @@
+"""Rich gRPC errors (``google.rpc.Status`` with details) that domain code raises as exceptions.
+
+A servicer raises ``InvalidArgument([...])`` or ``ResourceExhausted(...)``; the runtime's interceptor
+turns it into a status with ``BadRequest`` field violations or ``RetryInfo`` details via grpcio-status,
+so no servicer builds status protos by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One bad field: ``field`` is a path such as ``transactions[3].amount``."""
+
+    field: str
+    description: str
+
+    def to_proto(self) -> error_details_pb2.BadRequest.FieldViolation:
+        return error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+
+
+@dataclass
+class ServiceError(Exception):
+    """An error that maps to one gRPC status with optional details."""
+
+    code: grpc.StatusCode
+    message: str
+    violations: Sequence[Violation] = field(default_factory=tuple)
+    retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def to_status(self) -> status_pb2.Status:
+        details: list[any_pb2.Any] = []
+        if self.violations:
+            bad = error_details_pb2.BadRequest(field_violations=[v.to_proto() for v in self.violations])
+            details.append(_pack(bad))
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def InvalidArgument(violations: Iterable[Violation], message: str | None = None) -> ServiceError:
+    found = tuple(violations)
+    text = message or "; ".join(f"{v.field}: {v.description}" for v in found) or "invalid argument"
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, text, found)
+
+
+def ResourceExhausted(message: str, retry_after_s: float | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s=retry_after_s)
+
+
+def NotFound(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def Unavailable(message: str, retry_after_s: float | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, retry_after_s=retry_after_s)
+
+
+def DeadlineExceeded(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def raise_if(violations: Sequence[Violation]) -> None:
+    """Raise INVALID_ARGUMENT carrying every violation found, or return when there are none."""
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def status_metadata(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries the rich status (``grpc-status-details-bin``)."""
+    return tuple(rpc_status.to_status(error.to_status()).trailing_metadata)
+
+
+def status_from_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:
+    """Client side: the ``google.rpc.Status`` (with details) carried by a failed call, if any."""
+    return rpc_status.from_call(error)  # type: ignore[arg-type]
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """Client side: the (field, description) pairs of a failed call's BadRequest detail."""
+    status = status_from_error(error)
+    out: list[tuple[str, str]] = []
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.extend((v.field, v.description) for v in bad.field_violations)
+    return out

@@ -1,0 +1,250 @@
+"""Server bootstrap: one ``grpc.aio`` server per service with everything the runtime owns.
+
+A service provides a ``Service`` (its servicers and, optionally, a model slot); ``Server`` adds
+health (NOT_SERVING until the model is loaded, SERVING after, NOT_SERVING while draining),
+reflection, the model-admin API, the interceptor, metrics on their own port, and graceful
+shutdown: on SIGTERM it stops taking calls, lets those in flight finish within the grace period,
+and exits 0. SIGHUP reloads the newest valid model version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from cbec.common.v1 import common_pb2, common_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .admin import ModelAdminServicer
+from .batching import BatcherConfig, MicroBatcher
+from .config import ConfigError, RuntimeSettings, load_settings
+from .device import Device, DeviceError, select_device
+from .interceptor import RuntimeInterceptor
+from .logs import configure_logging
+from .metrics import RuntimeMetrics
+from .model_store import Loaded, Manifest, ModelLoadError, ModelSlot, ModelStore
+
+log = logging.getLogger("cbec.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ADMIN_SERVICE = common_pb2.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+
+S = TypeVar("S", bound=RuntimeSettings)
+M = TypeVar("M")
+
+
+@dataclass
+class Runtime:
+    """What the runtime hands a service when it is built."""
+
+    settings: RuntimeSettings
+    metrics: RuntimeMetrics
+    device: Device
+    store: ModelStore
+    _batchers: list[MicroBatcher[Any, Any]] = field(default_factory=list)
+
+    def batcher(
+        self, fn: Callable[[list[Any]], Sequence[Any]], name: str, **overrides: Any
+    ) -> MicroBatcher[Any, Any]:
+        """A micro-batcher configured from ``CBEC_BATCH_*``; closed by the runtime at shutdown."""
+        s = self.settings
+        config = BatcherConfig(
+            max_batch_size=s.batch_max_size,
+            max_delay_s=s.batch_max_delay_ms / 1000,
+            max_queue=s.batch_queue_size,
+            name=name,
+        )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        batcher: MicroBatcher[Any, Any] = MicroBatcher(fn, config, self.metrics)
+        self._batchers.append(batcher)
+        return batcher
+
+    def model_slot(self, loader: Callable[[Any, Manifest], M]) -> ModelSlot[M]:
+        return ModelSlot(self.store, loader, self.metrics)
+
+
+class Service(Protocol):
+    """What a service supplies: its servicers and, if it has one, its model slot."""
+
+    #: Full proto service names, e.g. ("cbec.risk.v1.RiskService",).
+    service_names: Sequence[str]
+    #: The model this service serves; None for model-free services (the gateway).
+    slot: ModelSlot[Any] | None
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Warm up after the model is loaded (or at once for model-free services)."""
+
+    async def stop(self) -> None:
+        """Release resources after the last call has finished."""
+
+
+class Server:
+    def __init__(self, settings: RuntimeSettings, build: Callable[[Runtime], Service]) -> None:
+        self.settings = settings
+        self.metrics = RuntimeMetrics(settings.service)
+        self.device = select_device(settings.device)
+        self.runtime = Runtime(
+            settings, self.metrics, self.device, ModelStore(settings.models_dir, settings.service)
+        )
+        self.service = build(self.runtime)
+        self.health = health.aio.HealthServicer()
+        self.interceptor = RuntimeInterceptor(
+            self.metrics, settings.max_concurrent_calls, settings.access_log
+        )
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+        self._stopped = asyncio.Event()
+        self._started_service = False
+        self._health_names = ("", *self.service.service_names)
+
+    @property
+    def ready(self) -> bool:
+        return self.service.slot is None or self.service.slot.current is not None
+
+    async def _set_health(self, status: int) -> None:
+        for name in self._health_names:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(interceptors=[self.interceptor], options=options)
+        self.service.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [*self.service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.service.slot is not None:
+            common_pb2_grpc.add_ModelAdminServiceServicer_to_server(
+                ModelAdminServicer(self.service.slot, self.switch_model), server
+            )
+            names.append(ADMIN_SERVICE)
+        reflection.enable_server_reflection(names, server)
+        await self._set_health(NOT_SERVING)
+        try:
+            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}: {exc}") from None
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
+        if s.metrics_enabled:
+            self._metrics_server, self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        await server.start()
+        self._server = server
+        log.info(
+            "listening",
+            extra={
+                "grpc_port": self.grpc_port,
+                "metrics_port": self.metrics_port,
+                "device": str(self.device),
+            },
+        )
+        await self.load_model()
+
+    async def load_model(self, version: str | None = None) -> None:
+        """Load the model at start (or on SIGHUP); without one the server stays up, NOT_SERVING."""
+        try:
+            await self.switch_model(version or self.settings.model_version or None)
+        except ModelLoadError as exc:
+            log.error("no model loaded: %s", exc)
+            if not self.ready:
+                self.metrics.set_model_version(None)
+
+    async def switch_model(self, version: str | None) -> Loaded[Any] | None:
+        """Load a model version (newest valid when None) and report SERVING once one is loaded.
+
+        Raises ModelLoadError, leaving the previous version serving.
+        """
+        loaded = await self.service.slot.load(version) if self.service.slot is not None else None
+        if not self._started_service:
+            await self.service.start()
+            self._started_service = True
+        await self._set_health(SERVING)
+        log.info("serving")
+        return loaded
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, finish calls in flight within the grace period."""
+        if self._server is None:
+            return
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("draining", extra={"grace_s": grace, "in_flight": self.interceptor.in_flight})
+        await self._set_health(NOT_SERVING)
+        await self._server.stop(grace)
+        for batcher in self.runtime._batchers:
+            await batcher.close()
+        await self.service.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self._server = None
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: RuntimeSettings, build: Callable[[Runtime], Service]) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return."""
+    server = Server(settings, build)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.load_model())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    start = loop.create_task(server.start())
+    stop_wait = loop.create_task(stop.wait())
+    await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if start.done() and start.exception() is not None:
+        stop_wait.cancel()
+        raise start.exception()  # type: ignore[misc]
+    await stop.wait()
+    if not start.done():  # SIGTERM while the model was still loading
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+    await server.stop()
+
+
+def main(service: str, build: Callable[[Runtime], Service], settings_cls: type[S] = RuntimeSettings) -> None:  # type: ignore[assignment]
+    """Entry point of ``python -m services.<name>``: settings, logs, serve, exit 0 after a drain."""
+    try:
+        settings = load_settings(settings_cls, service)
+    except ConfigError as exc:
+        sys.exit(exc.code)
+    configure_logging(service, settings.log_level)
+    try:
+        asyncio.run(serve(settings, build))
+    except DeviceError as exc:
+        log.error("invalid device: %s", exc)
+        print(f"invalid configuration: CBEC_DEVICE={settings.device!r}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
