@@ -125,28 +125,35 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            flush_at = first.enqueued + self.config.max_delay_s
-            while len(batch) < self.config.max_batch_size:
-                wait = flush_at - time.monotonic()
-                if wait <= 0:
-                    while len(batch) < self.config.max_batch_size and not self._queue.empty():
-                        batch.append(self._queue.get_nowait())
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), wait))
-                except TimeoutError:
-                    break
-            if self._m:
-                self._m[0].set(self._queue.qsize())
-            live = self._live(batch)
-            if not live:
-                continue
+            # Wait for a free compute slot first: while the model is busy, requests stay in the
+            # bounded queue (so a full queue really refuses) and form the next batch there.
             await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._compute(live))
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._compute(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _collect(self) -> list[_Pending[In, Out]]:
+        first = await self._queue.get()
+        batch = [first]
+        flush_at = first.enqueued + self.config.max_delay_s
+        while len(batch) < self.config.max_batch_size:
+            wait = flush_at - time.monotonic()
+            if wait <= 0:
+                while len(batch) < self.config.max_batch_size and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), wait))
+            except TimeoutError:
+                break
+        if self._m:
+            self._m[0].set(self._queue.qsize())
+        return batch
 
     @staticmethod
     def _live(batch: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
@@ -167,6 +174,9 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
+            batch = self._live(batch)
+            if not batch:
+                return
             if self._m:
                 self._m[1].observe(len(batch))
                 for pending in batch:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -207,7 +207,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             if key == REQUEST_ID_KEY:
                 request_id = str(value)[:128]
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or os.urandom(16).hex()
         request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         info.started.inc()

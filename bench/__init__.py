@@ -1,0 +1,1 @@
+"""Benchmarks: each writes bench/results/<name>.json with figures measured side by side in one run."""

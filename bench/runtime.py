@@ -1,0 +1,219 @@
+"""Runtime benchmark: its overhead on an empty RPC, and what the micro-batcher buys.
+
+1. Empty unary RPC, bare ``grpc.aio`` server vs. the same handler behind the runtime (interceptor,
+   metrics, request ids, health, reflection). Each server runs in its own process; the load comes
+   from this process. Rounds alternate bare/runtime so machine noise hits both alike.
+   ``runtime_overhead_ratio`` = runtime throughput / bare throughput (goal >= 0.8).
+2. A model stub with a fixed per-batch cost (``--batch-cost-ms``, sleeping like a GPU kernel or
+   a BLAS call that releases the GIL) behind the runtime at concurrency 64, with the micro-batcher
+   (max batch 64) vs. without (max batch 1). ``batcher_speedup`` = batched / unbatched (goal >= 4).
+
+    python -m bench.runtime            # writes bench/results/runtime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, wrappers_pb2
+from rich.progress import Progress
+
+from bench.loadgen import LoadResult, closed_loop, write_results
+
+SERVICE = "cbec.bench.v1.BenchService"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _handlers(predict: Any = None) -> grpc.GenericRpcHandler:
+    async def empty(request: empty_pb2.Empty, context: Any) -> empty_pb2.Empty:
+        return empty_pb2.Empty()
+
+    methods = {
+        "Empty": grpc.unary_unary_rpc_method_handler(
+            empty, empty_pb2.Empty.FromString, empty_pb2.Empty.SerializeToString
+        )
+    }
+    if predict is not None:
+        methods["Predict"] = grpc.unary_unary_rpc_method_handler(
+            predict, wrappers_pb2.DoubleValue.FromString, wrappers_pb2.DoubleValue.SerializeToString
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class BenchService:
+    """The runtime-side service: the empty method and a batched model stub."""
+
+    service_names: Sequence[str] = (SERVICE,)
+    slot = None
+
+    def __init__(self, runtime: Any) -> None:
+        cost = float(os.environ.get("BENCH_BATCH_COST_MS", "10")) / 1000
+
+        def model(items: list[float]) -> list[float]:
+            time.sleep(cost)  # fixed cost per batch, whatever its size
+            return [x * 2 for x in items]
+
+        self.batcher = runtime.batcher(model, "stub")
+
+    async def predict(self, request: wrappers_pb2.DoubleValue, context: Any) -> wrappers_pb2.DoubleValue:
+        value = await self.batcher.submit(request.value, time_remaining=context.time_remaining())
+        return wrappers_pb2.DoubleValue(value=value)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_handlers(self.predict),))
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+async def _serve_bare(port: int) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_handlers(),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(kind: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    full_env = {
+        **os.environ,
+        "CBEC_HOST": "127.0.0.1",
+        "CBEC_GRPC_PORT": str(port),
+        "CBEC_METRICS_PORT": "0",
+        "CBEC_DEVICE": "cpu",
+        "CBEC_LOG_LEVEL": "WARNING",
+        **(env or {}),
+    }
+    cmd = [sys.executable, "-m", "bench.runtime", "--serve", kind, "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env), port
+
+
+async def _wait_ready(port: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        await asyncio.wait_for(ch.channel_ready(), 30)
+
+
+async def _load(port: int, method: str, concurrency: int, seconds: float) -> LoadResult:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        if method == "Empty":
+            stub = ch.unary_unary(
+                f"/{SERVICE}/Empty", empty_pb2.Empty.SerializeToString, empty_pb2.Empty.FromString
+            )
+            request: Any = empty_pb2.Empty()
+        else:
+            stub = ch.unary_unary(
+                f"/{SERVICE}/Predict",
+                wrappers_pb2.DoubleValue.SerializeToString,
+                wrappers_pb2.DoubleValue.FromString,
+            )
+            request = wrappers_pb2.DoubleValue(value=1.0)
+        return await closed_loop(lambda i: stub(request, timeout=10), concurrency, seconds)
+
+
+async def _measure(
+    kind: str, method: str, concurrency: int, seconds: float, env: dict[str, str] | None = None
+):
+    proc, port = _start(kind, env)
+    try:
+        await _wait_ready(port)
+        return await _load(port, method, concurrency, seconds)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, Any]:
+    bare: list[LoadResult] = []
+    runtime: list[LoadResult] = []
+    with Progress() as progress:
+        task = progress.add_task("empty RPC: bare vs runtime", total=rounds * 2 + 2)
+        for _ in range(rounds):
+            bare.append(await _measure("bare", "Empty", 16, seconds))
+            progress.advance(task)
+            runtime.append(await _measure("runtime", "Empty", 16, seconds))
+            progress.advance(task)
+        progress.update(task, description="model stub: batched vs unbatched")
+        cost = {"BENCH_BATCH_COST_MS": str(batch_cost_ms), "CBEC_BATCH_MAX_DELAY_MS": "2"}
+        batched = await _measure("runtime", "Predict", 64, seconds, {**cost, "CBEC_BATCH_MAX_SIZE": "64"})
+        progress.advance(task)
+        unbatched = await _measure("runtime", "Predict", 64, seconds, {**cost, "CBEC_BATCH_MAX_SIZE": "1"})
+        progress.advance(task)
+
+    def med(results: list[LoadResult], f: Any) -> float:
+        return round(median(f(r) for r in results), 3)
+
+    bare_rps = med(bare, lambda r: r.per_second)
+    runtime_rps = med(runtime, lambda r: r.per_second)
+    return {
+        "protocol": (
+            f"{rounds} alternating rounds of {seconds}s each, closed loop at concurrency 16, "
+            "server in its own process, medians reported; "
+            f"batcher: concurrency 64, fixed {batch_cost_ms} ms per batch, "
+            "max batch 64 vs 1, max delay 2 ms"
+        ),
+        "bare_calls_per_s": bare_rps,
+        "runtime_calls_per_s": runtime_rps,
+        "bare_p50_ms": med(bare, lambda r: r.percentile(50)),
+        "bare_p99_ms": med(bare, lambda r: r.percentile(99)),
+        "runtime_p50_ms": med(runtime, lambda r: r.percentile(50)),
+        "runtime_p99_ms": med(runtime, lambda r: r.percentile(99)),
+        "runtime_overhead_ratio": round(runtime_rps / bare_rps, 3),
+        "runtime_overhead_ratio_goal": 0.8,
+        "batched": batched.summary("batched_"),
+        "unbatched": unbatched.summary("unbatched_"),
+        "batcher_speedup": round(batched.per_second / unbatched.per_second, 2),
+        "batcher_speedup_goal": 4,
+        "errors": sum(r.errors for r in bare + runtime) + batched.errors + unbatched.errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batch-cost-ms", type=float, default=10.0)
+    parser.add_argument("--serve", choices=["bare", "runtime"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve == "bare":
+        asyncio.run(_serve_bare(args.port))
+        return
+    if args.serve == "runtime":
+        from services.runtime.server import main as serve_main
+
+        serve_main("bench", BenchService)
+        return
+    results = asyncio.run(run(args.rounds, args.seconds, args.batch_cost_ms))
+    path = write_results("runtime", results)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

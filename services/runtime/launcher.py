@@ -1,0 +1,174 @@
+"""``make run``: prepare default models, start every service that exists and the gateway as separate
+processes, wait until each reports SERVING, print the endpoints, stop them all on Ctrl-C/SIGTERM.
+
+A service exists when its package has ``__main__.py``. Before it starts, its ``defaults.py`` (if any)
+is run as ``python -m services.<name>.defaults``: it prepares the packaged data and the default model
+and skips what is already there, so re-running ``make run`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import DEFAULT_PORTS
+from .probe import check
+
+ROOT = Path(__file__).resolve().parents[2]
+ORDER = ("recommender", "chat", "sentiment", "vision", "risk", "gateway")
+console = Console(stderr=True)
+
+
+@dataclass
+class Spec:
+    name: str
+    module: str
+    package_dir: Path
+
+    @property
+    def grpc_port(self) -> int:
+        return int(os.environ.get(f"CBEC_{self.name.upper()}_GRPC_PORT", DEFAULT_PORTS[self.name][0]))
+
+    @property
+    def metrics_port(self) -> int:
+        return DEFAULT_PORTS[self.name][1]
+
+
+def discover() -> list[Spec]:
+    specs = []
+    for name in ORDER:
+        package_dir = ROOT / "gateway" if name == "gateway" else ROOT / "services" / name
+        if (package_dir / "__main__.py").exists():
+            module = "gateway" if name == "gateway" else f"services.{name}"
+            specs.append(Spec(name, module, package_dir))
+    return specs
+
+
+def prepare(spec: Spec, env: dict[str, str]) -> None:
+    if (spec.package_dir / "defaults.py").exists():
+        console.rule(f"[bold]{spec.name}[/]: default data and model")
+        subprocess.run([sys.executable, "-m", f"{spec.module}.defaults"], cwd=ROOT, env=env, check=True)
+
+
+async def wait_all(specs: list[Spec], procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> list[str]:
+    async def one(spec: Spec) -> str | None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if procs[spec.name].poll() is not None:
+                return f"{spec.name} exited with status {procs[spec.name].returncode}"
+            if await check(f"127.0.0.1:{spec.grpc_port}") == "SERVING":
+                return None
+            await asyncio.sleep(0.25)
+        return f"{spec.name} not SERVING after {timeout:.0f}s"
+
+    with console.status("waiting for every service to report SERVING"):
+        results = await asyncio.gather(*(one(s) for s in specs))
+    return [r for r in results if r]
+
+
+def endpoints(specs: list[Spec], log_dir: Path) -> Table:
+    table = Table(title="cbec-ai is up (Ctrl-C stops everything)")
+    for column in ("service", "gRPC", "metrics", "log"):
+        table.add_column(column)
+    for spec in specs:
+        table.add_row(
+            spec.name,
+            f"127.0.0.1:{spec.grpc_port}",
+            f"http://127.0.0.1:{spec.metrics_port}/metrics",
+            str(log_dir / f"{spec.name}.log"),
+        )
+    if any(s.name == "gateway" for s in specs):
+        table.add_row("HTTP bridge", "", "http://127.0.0.1:8080", "")
+    return table
+
+
+def stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for name, proc in procs.items():
+        try:
+            proc.wait(grace + 5)
+        except subprocess.TimeoutExpired:
+            console.print(f"[red]{name} did not stop in time; killing it[/]")
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--log-dir", type=Path, default=ROOT / "var" / "log")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("--no-prepare", action="store_true", help="skip default data and models")
+    parser.add_argument("--exit-when-ready", action="store_true", help="stop everything once all are SERVING")
+    args = parser.parse_args()
+
+    specs = discover()
+    if not specs:
+        console.print("[red]no service exists yet (no services/<name>/__main__.py)[/]")
+        sys.exit(1)
+    env = {
+        **os.environ,
+        "CBEC_MODELS_DIR": str(args.models_dir.resolve()),
+        "CBEC_GRACE_PERIOD_S": str(args.grace),
+    }
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not args.no_prepare:
+        for spec in specs:
+            prepare(spec, env)
+
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for spec in specs:
+            log = open(args.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 -- lives as long as the child
+            service_env = {
+                **env,
+                "CBEC_GRPC_PORT": str(spec.grpc_port),
+                "CBEC_METRICS_PORT": str(spec.metrics_port),
+            }
+            procs[spec.name] = subprocess.Popen(
+                [sys.executable, "-m", spec.module], cwd=ROOT, env=service_env, stdout=log, stderr=log
+            )
+        failures = asyncio.run(wait_all(specs, procs, args.ready_timeout))
+        if failures:
+            for failure in failures:
+                console.print(f"[red]{failure}[/] (see {args.log_dir})")
+            sys.exit(1)
+        console.print(endpoints(specs, args.log_dir))
+        while not stopping and not args.exit_when_ready:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    console.print(f"[red]{name} exited with status {proc.returncode}[/]; stopping the rest")
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        console.print("stopping: draining calls in flight")
+        stop_all(procs, args.grace)
+        console.print("all stopped")
+
+
+if __name__ == "__main__":
+    main()
