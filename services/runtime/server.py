@@ -82,6 +82,9 @@ class Service(Protocol):
 
     def register(self, server: grpc.aio.Server) -> None: ...
 
+    # Optional: ``interceptors`` (a sequence of grpc.aio.ServerInterceptor run after the
+    # runtime's own, e.g. the gateway's authentication).
+
     async def start(self) -> None:
         """Warm up after the model is loaded (or at once for model-free services)."""
 
@@ -128,7 +131,8 @@ class Server:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(interceptors=[self.interceptor], options=options)
+        interceptors = [self.interceptor, *getattr(self.service, "interceptors", ())]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         self.service.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self.service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -140,7 +144,12 @@ class Server:
         reflection.enable_server_reflection(names, server)
         await self._set_health(NOT_SERVING)
         try:
-            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            address = f"{s.host}:{s.grpc_port}"
+            credentials = server_credentials(s)
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}: {exc}") from None
         if self.grpc_port == 0:
@@ -201,6 +210,17 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def server_credentials(settings: RuntimeSettings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS when a client CA is configured too."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def serve(settings: RuntimeSettings, build: Callable[[Runtime], Service]) -> None:
