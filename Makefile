@@ -11,7 +11,7 @@ GOOGLE_PROTOS := google/api/annotations.proto google/api/http.proto google/rpc/s
 export OPENBLAS_CORETYPE ?= Haswell
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint bench setup protos clean help
+.PHONY: run test lint bench setup protos clean help $(addprefix bench-,$(BENCHES))
 
 help:
 	@echo "make run    set everything up, start every service and the gateway, Ctrl-C stops them"
@@ -57,8 +57,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
 
-bench: setup
-	$(PY) -m bench.runtime
+# One benchmark per bench/<name>.py (bench-runtime, bench-risk, ...); `make bench` runs them all.
+BENCHES := $(filter-out __init__ loadgen,$(basename $(notdir $(wildcard bench/*.py))))
+bench: $(addprefix bench-,$(BENCHES))
+bench-%: setup
+	$(PY) -m bench.$*
 
 clean:
 	rm -rf gen build .pytest_cache .ruff_cache
