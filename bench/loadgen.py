@@ -22,6 +22,7 @@ class LoadResult:
     errors: int
     seconds: float
     latencies_ms: np.ndarray
+    server_cpu_s: float = 0.0  # filled in by benchmarks that watch the server process
 
     @property
     def per_second(self) -> float:

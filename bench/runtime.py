@@ -135,13 +135,23 @@ async def _load(port: int, method: str, concurrency: int, seconds: float) -> Loa
         return await closed_loop(lambda i: stub(request, timeout=10), concurrency, seconds)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc): per-call CPU is far less noisy than rate."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _measure(
     kind: str, method: str, concurrency: int, seconds: float, env: dict[str, str] | None = None
 ):
     proc, port = _start(kind, env)
     try:
         await _wait_ready(port)
-        return await _load(port, method, concurrency, seconds)
+        before = _cpu_seconds(proc.pid)
+        result = await _load(port, method, concurrency, seconds)
+        result.server_cpu_s = _cpu_seconds(proc.pid) - before
+        return result
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -167,6 +177,9 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
     def med(results: list[LoadResult], f: Any) -> float:
         return round(median(f(r) for r in results), 3)
 
+    def cpu_us(results: list[LoadResult]) -> float:  # server CPU per call, warm-up included in both
+        return round(1e6 * sum(r.server_cpu_s for r in results) / sum(r.calls for r in results), 1)
+
     bare_rps = med(bare, lambda r: r.per_second)
     runtime_rps = med(runtime, lambda r: r.per_second)
     return {
@@ -184,6 +197,9 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
         "runtime_p99_ms": med(runtime, lambda r: r.percentile(99)),
         "runtime_overhead_ratio": round(runtime_rps / bare_rps, 3),
         "runtime_overhead_ratio_goal": 0.8,
+        "bare_server_cpu_us_per_call": cpu_us(bare),
+        "runtime_server_cpu_us_per_call": cpu_us(runtime),
+        "runtime_cpu_ratio": round(cpu_us(bare) / cpu_us(runtime), 3),
         "batched": batched.summary("batched_"),
         "unbatched": unbatched.summary("unbatched_"),
         "batcher_speedup": round(batched.per_second / unbatched.per_second, 2),
@@ -196,8 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batch-cost-ms", type=float, default=10.0)
     parser.add_argument("--serve", choices=["bare", "runtime"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -78,6 +78,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self._access_log = access_log
         self._in_flight = 0
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -212,7 +213,6 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         info.started.inc()
         self._in_flight += 1
-        self._metrics.in_flight.inc()
         return time.perf_counter()
 
     async def _admit(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> None:
@@ -232,7 +232,6 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         elapsed = time.perf_counter() - start
         self._in_flight -= 1
-        self._metrics.in_flight.dec()
         info.seconds.observe(elapsed)
         info.handled[code].inc()
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
