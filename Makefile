@@ -32,7 +32,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	echo "$(CURDIR)/gen" > $(SITE)/cbec-gen.pth
 	touch $@
 
-setup: $(VENV)/.installed gen/.stamp
+setup: $(VENV)/.installed gen/.stamp data/.stamp
+
+# Data sets shipped in Debian packages, unpacked into data/ (no root install needed).
+DEBIAN_DATA := r-cran-modeldata
+data/.stamp:
+	mkdir -p build/deb data/deb
+	cd build/deb && for p in $(DEBIAN_DATA); do \
+		apt-get download $$p 2>/dev/null || (apt-get update -qq && apt-get download $$p); done
+	for f in build/deb/*.deb; do dpkg-deb -x $$f data/deb; done
+	touch $@
 
 # Stubs are generated from the protos, never written by hand. The googleapis protos come from the
 # installed googleapis-common-protos package (whose _pb2 modules we import), copied for buf.
