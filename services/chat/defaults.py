@@ -1,0 +1,166 @@
+"""``make run`` preparation: the knowledge base, demo orders and a default model, skipping what exists.
+
+    python -m services.chat.defaults     # honours CBEC_MODELS_DIR and CBEC_DATA_DIR
+
+The demo orders are invented by the project (users ``u-1001`` to ``u-1003``) so the order actions can be
+tried: e.g. user ``u-1001`` asking "where is CB-100231?".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from services.runtime.config import load_settings
+
+from .config import ChatSettings
+from .knowledge import Embedder, embed_missing, packaged_articles
+from .store import ChatStore, OrderRecord
+from .train import current_version_matches, train
+
+log = logging.getLogger("cbec.chat.defaults")
+
+DEMO_ORDERS = [
+    OrderRecord(
+        "CB-100231",
+        "u-1001",
+        "shipped",
+        "DHL Express",
+        "JD014600006281",
+        "DE",
+        "in 2-3 business days",
+        "",
+        ["Merino wool sweater (M)"],
+        89.0,
+        "EUR",
+        "2026-11-20",
+    ),
+    OrderRecord(
+        "CB-100233",
+        "u-1001",
+        "processing",
+        "",
+        "",
+        "DE",
+        "in 5-8 business days",
+        "",
+        ["Running shoes (EU 42)"],
+        120.0,
+        "EUR",
+        "2026-11-27",
+    ),
+    OrderRecord(
+        "CB-100245",
+        "u-1001",
+        "delivered",
+        "DHL Express",
+        "JD014600006455",
+        "DE",
+        "",
+        "2026-11-18",
+        ["Leather sneakers (EU 41)"],
+        140.0,
+        "EUR",
+        "2026-11-10",
+    ),
+    OrderRecord(
+        "CB-100250",
+        "u-1002",
+        "shipped",
+        "USPS",
+        "9400111899223856",
+        "US",
+        "in 4-6 business days",
+        "",
+        ["Wireless headphones"],
+        199.0,
+        "USD",
+        "2026-11-22",
+    ),
+    OrderRecord(
+        "CB-100262",
+        "u-1002",
+        "delivered",
+        "USPS",
+        "9400111899223901",
+        "US",
+        "",
+        "2026-11-15",
+        ["Linen shirt (L)"],
+        59.0,
+        "USD",
+        "2026-11-08",
+    ),
+    OrderRecord(
+        "CB-100270",
+        "u-1003",
+        "cancelled",
+        "",
+        "",
+        "JP",
+        "",
+        "",
+        ["Ceramic tea set"],
+        8900.0,
+        "JPY",
+        "2026-11-21",
+    ),
+    OrderRecord(
+        "CB-100275",
+        "u-1003",
+        "shipped",
+        "Japan Post EMS",
+        "EN123456789JP",
+        "JP",
+        "in 3-6 business days",
+        "",
+        ["Rain jacket (S)"],
+        12800.0,
+        "JPY",
+        "2026-11-24",
+    ),
+]
+
+
+def seed_knowledge(store: ChatStore, embedder: Embedder) -> int:
+    """Load packaged articles that are missing or changed; never overwrite an article that was
+    replaced through UpsertKnowledge (origin 'api'). Returns how many were written."""
+    stored = store.stored_hashes()
+    todo = []
+    for article in packaged_articles():
+        have = stored.get((article.article_id, article.language))
+        if have is None or (have[1] == "package" and have[0] != article.content_hash):
+            todo.append(article)
+    for start in tqdm(range(0, len(todo), 8), desc="embed knowledge base", disable=not todo):
+        embed_missing(todo[start : start + 8], embedder)
+    if todo:
+        store.upsert_articles(todo)
+    return len(todo)
+
+
+def prepare(models_dir: Path, data_dir: Path) -> None:
+    embedder = Embedder()
+    store = ChatStore(data_dir / "chat.sqlite")
+    try:
+        written = seed_knowledge(store, embedder)
+        store.put_orders(DEMO_ORDERS)
+        print(f"chat: knowledge base ready ({written} articles written), {store.count_orders()} demo orders")
+    finally:
+        store.close()
+    if current_version_matches(models_dir):
+        print("chat: default model is up to date")
+        return
+    version = train(models_dir, data_dir, embedder)
+    print(f"chat: trained model version {version}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    settings = load_settings(ChatSettings, "chat")
+    prepare(settings.models_dir, settings.data_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+# ruff: noqa: RUF001 -- CJK sentence punctuation is intended
+"""Is the customer angry? Asks the sentiment service (``cbec.sentiment.v1.SentimentService``) with a
+short deadline and falls back to a small multilingual lexicon when it is unreachable, so a sentiment
+outage slows no conversation: after a failure the service is not asked again for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import grpc
+from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
+
+log = logging.getLogger("cbec.chat.sentiment")
+
+# Words that signal anger or a formal complaint, per language (project-written, small on purpose).
+ANGER_WORDS = {
+    "en": "worst terrible awful horrible unacceptable ridiculous scam fraud furious angry disgusting "
+    "useless outrageous pathetic disgrace complain",
+    "es": "peor horrible terrible inaceptable vergüenza estafa harto harta furioso enfadado ridículo "
+    "pésimo indignante queja",
+    "de": "schlimmste schrecklich unverschämt frechheit betrug wütend ärgerlich inakzeptabel "
+    "katastrophe zumutung lächerlich verärgert beschwerde",
+    "fr": "pire horrible inadmissible inacceptable arnaque honte furieux scandale nul ridicule "
+    "lamentable plainte énervé",
+    "pt": "pior horrível absurdo inaceitável vergonha golpe irritado péssimo ridículo palhaçada "
+    "raiva revoltado reclamação",
+    "zh": "太过分 生气 垃圾 骗子 最差 投诉 愤怒 气死 差劲 太差",
+    "ja": "最悪 ひどい ふざけ 怒 詐欺 許せない 苦情 腹が立 ありえない",
+}
+_WORDS = {w for words in ANGER_WORDS.values() for w in words.split()}
+_CJK_WORDS = [w for w in _WORDS if not w.isascii() and re.search(r"[\u3040-\u9fff]", w)]
+
+
+@dataclass(frozen=True)
+class Mood:
+    angry: bool
+    negative: float  # 0..1
+    source: str  # "sentiment-service" | "heuristic"
+
+
+def heuristic_negativity(text: str) -> float:
+    """0..1 from anger words, repeated exclamation marks and shouting (capital letters)."""
+    lowered = text.lower()
+    words = set(re.findall(r"\w+", lowered))
+    hits = sum(1 for w in _WORDS if w.isascii() and w in words)
+    hits += sum(1 for w in _WORDS if not w.isascii() and not re.search(r"[\u3040-\u9fff]", w) and w in words)
+    hits += sum(1 for w in _CJK_WORDS if w in text)
+    letters = [c for c in text if c.isalpha() and c.isascii()]
+    caps = sum(1 for c in letters if c.isupper()) / len(letters) if len(letters) >= 12 else 0.0
+    score = 0.4 * hits + (0.15 if "!!" in text or "！" in text else 0.0) + (0.3 if caps > 0.6 else 0.0)
+    return min(score, 1.0)
+
+
+class SentimentClient:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        retry_after_s: float,
+        angry_threshold: float = 0.75,
+        heuristic_threshold: float = 0.4,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.angry_threshold = angry_threshold
+        self.heuristic_threshold = heuristic_threshold
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: sentiment_pb2_grpc.SentimentServiceStub | None = None
+        self._down_until = 0.0
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def mood(self, text: str) -> Mood:
+        if self.address and time.monotonic() >= self._down_until:
+            try:
+                if self._stub is None:
+                    self._channel = grpc.aio.insecure_channel(self.address)
+                    self._stub = sentiment_pb2_grpc.SentimentServiceStub(self._channel)
+                response = await self._stub.Analyze(
+                    sentiment_pb2.AnalyzeRequest(texts=[sentiment_pb2.TextInput(id="m", text=text)]),
+                    timeout=self.timeout_s,
+                )
+                if response.results:
+                    negative = float(response.results[0].probabilities.negative)
+                    return Mood(negative >= self.angry_threshold, negative, "sentiment-service")
+            except grpc.aio.AioRpcError as exc:
+                log.info("sentiment service unavailable (%s); using the local heuristic", exc.code().name)
+                self._down_until = time.monotonic() + self.retry_after_s
+        negative = heuristic_negativity(text)
+        return Mood(negative >= self.heuristic_threshold, negative, "heuristic")

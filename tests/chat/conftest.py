@@ -1,0 +1,134 @@
+"""Chat test fixtures: a small real knowledge base (3 packaged articles x 3 languages, embedded once per
+session with the packaged e5 model), the demo orders, a model version built from a subset of the
+labelled intent examples, and real gRPC servers on ephemeral ports."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
+
+from services.chat.config import ChatSettings
+from services.chat.defaults import DEMO_ORDERS
+from services.chat.index import RetrievalParams
+from services.chat.intent import IntentParams, load_examples
+from services.chat.knowledge import Embedder, embed_missing, packaged_articles
+from services.chat.model import Policy
+from services.chat.server import ChatService
+from services.chat.store import ChatStore
+from services.chat.train import build_intent_model, write_version
+from services.runtime.server import Server
+
+ARTICLES = ("shipping-times", "returns-refunds", "order-tracking")
+LANGUAGES = ("en", "es", "ja")
+INTENTS = {"shipping", "returns", "tracking", "order_status", "start_return", "human_agent", "complaint"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    db: Path
+    models_dir: Path
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Prepared:
+    root = tmp_path_factory.mktemp("chat")
+    store = ChatStore(root / "data" / "chat.sqlite")
+    articles = [a for a in packaged_articles() if a.article_id in ARTICLES and a.language in LANGUAGES]
+    embed_missing(articles, embedder)
+    store.upsert_articles(articles)
+    store.put_orders(DEMO_ORDERS)
+    store.close()
+    examples = [e for e in load_examples() if e[1] in INTENTS]
+    intent = build_intent_model(examples, embedder).with_params(IntentParams(temperature=0.02))
+    write_version(
+        root / "models",
+        intent,
+        RetrievalParams(rrf_k=30, bm25_weight=0.5),
+        Policy(handoff_threshold=0.3),
+        {"dev_intent_accuracy": 0.0},
+        "test",
+        {},
+    )
+    return Prepared(root / "data" / "chat.sqlite", root / "models")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, prepared: Prepared) -> Path:
+    """A private copy of the prepared database, so tests never see each other's sessions or upserts."""
+    d = tmp_path / "data"
+    d.mkdir()
+    shutil.copy(prepared.db, d / "chat.sqlite")
+    return d
+
+
+def chat_settings(prepared: Prepared, data_dir: Path, **overrides: Any) -> ChatSettings:
+    base: dict[str, Any] = dict(
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        metrics_enabled=False,
+        models_dir=prepared.models_dir,
+        data_dir=data_dir,
+        device="cpu",
+        llm_backend="none",
+        sentiment_addr="127.0.0.1:9",  # nothing listens there: the local heuristic is used
+    )
+    base.update(overrides)
+    return ChatSettings(**base)
+
+
+@asynccontextmanager
+async def running(settings: ChatSettings) -> AsyncIterator[tuple[Server, chat_pb2_grpc.ChatServiceStub]]:
+    server = Server(settings, ChatService)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            yield server, chat_pb2_grpc.ChatServiceStub(channel)
+    finally:
+        await server.stop(grace=1)
+
+
+async def converse(
+    stub: chat_pb2_grpc.ChatServiceStub, message: str, **fields: Any
+) -> tuple[list[str], chat_pb2.ConverseResult]:
+    deltas: list[str] = []
+    result = None
+    async for chunk in stub.Converse(chat_pb2.ConverseRequest(message=message, **fields), timeout=120):
+        if chunk.WhichOneof("chunk") == "delta":
+            assert result is None, "a delta arrived after the result"
+            deltas.append(chunk.delta)
+        else:
+            result = chunk.result
+    assert result is not None, "the stream ended without a result chunk"
+    return deltas, result
+
+
+@pytest.fixture
+def settings(prepared: Prepared, data_dir: Path) -> ChatSettings:
+    return chat_settings(prepared, data_dir)
+
+
+@pytest.fixture
+async def stub(settings: ChatSettings) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
+    async with running(settings) as (_, s):
+        yield s
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
