@@ -151,7 +151,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Callable[..., Any], info: _MethodInfo, stream_in: bool) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = self._enter(info, context)
+            entered = self._enter(info, context)
             code = grpc.StatusCode.OK
             try:
                 await self._admit(info, context)
@@ -169,7 +169,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort_for(exc, code, context)
                 raise
             finally:
-                self._leave(info, context, start, code)
+                self._leave(info, entered, code)
 
         return wrapper
 
@@ -177,7 +177,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Any], info: _MethodInfo, stream_in: bool
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = self._enter(info, context)
+            entered = self._enter(info, context)
             code = grpc.StatusCode.OK
             try:
                 await self._admit(info, context)
@@ -197,12 +197,12 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort_for(exc, code, context)
                 raise
             finally:
-                self._leave(info, context, start, code)
+                self._leave(info, entered, code)
 
         return wrapper
 
     # --- per-call steps -----------------------------------------------------------------------
-    def _enter(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> float:
+    def _enter(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> tuple[float, str]:
         request_id = ""
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY:
@@ -213,7 +213,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         info.started.inc()
         self._in_flight += 1
-        return time.perf_counter()
+        # The peer is read now: once a call is torn down (client cancelled) the context must not be used.
+        return time.perf_counter(), context.peer()
 
     async def _admit(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
@@ -227,9 +228,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 f"server is at its limit of {self._max} concurrent calls", retry_after_s=0.1
             )
 
-    def _leave(
-        self, info: _MethodInfo, context: grpc.aio.ServicerContext, start: float, code: grpc.StatusCode
-    ) -> None:
+    def _leave(self, info: _MethodInfo, entered: tuple[float, str], code: grpc.StatusCode) -> None:
+        start, peer = entered
         elapsed = time.perf_counter() - start
         self._in_flight -= 1
         info.seconds.observe(elapsed)
@@ -251,7 +251,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     "grpc_method": info.method,
                     "grpc_code": code.name,
                     "duration_ms": round(elapsed * 1000, 3),
-                    "peer": context.peer(),
+                    "peer": peer,
                 },
             )
 
@@ -260,7 +260,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.StatusCode:
         if isinstance(exc, ServiceError):
             return exc.code
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # The client went away (a closed response stream raises GeneratorExit): nothing to send.
             return grpc.StatusCode.CANCELLED
         code = _code_of(context)
         if code is not grpc.StatusCode.OK:  # the servicer called context.abort() itself
@@ -282,7 +283,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         request_id = request_id_var.get()
         if isinstance(exc, ServiceError):
             await context.abort(exc.code, exc.message, (*status_metadata(exc), (REQUEST_ID_KEY, request_id)))
-        elif code is grpc.StatusCode.INTERNAL and not isinstance(exc, asyncio.CancelledError):
+        elif code is grpc.StatusCode.INTERNAL:
             await context.abort(
                 code, f"internal error (request id {request_id})", ((REQUEST_ID_KEY, request_id),)
             )

@@ -127,6 +127,9 @@ def main() -> None:
         "CBEC_GRACE_PERIOD_S": str(args.grace),
     }
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # make run is a developer's laptop: the gateway accepts its documented development key there
+    # (production defaults to CBEC_ENV=prod, which refuses it).
+    env.setdefault("CBEC_ENV", "dev")
     if not args.no_prepare:
         for spec in specs:
             prepare(spec, env)

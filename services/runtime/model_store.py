@@ -107,7 +107,7 @@ class ModelStore:
         for entry in self.versions():
             if entry.version == version:
                 return entry
-        raise KeyError(f"no version {version!r} of {self.service} in {self.dir}")
+        raise KeyError(f"no version {version!r} of {self.service}")
 
     def newest_valid(self) -> VersionEntry | None:
         return next((e for e in self.versions() if e.valid), None)
@@ -195,11 +195,12 @@ class ModelSlot(Generic[M]):
                 try:
                     candidates = [self.store.get(version)]
                 except KeyError as exc:
-                    raise ModelLoadError(str(exc)) from None
+                    raise ModelLoadError(exc.args[0]) from None
             else:
                 candidates = [e for e in self.store.versions() if e.valid]
             if not candidates:
-                raise ModelLoadError(f"no valid {self.store.service} model in {self.store.dir}")
+                log.error("no valid model version", extra={"models_dir": str(self.store.dir)})
+                raise ModelLoadError(f"no valid {self.store.service} model version in the model store")
             errors = []
             for entry in candidates:
                 if entry.manifest is None:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -117,3 +118,45 @@ async def test_sigterm_under_load_drops_no_accepted_call(tmp_path: Path) -> None
     assert {r["request_id"] for r in rpc} == {f"r{i}" for i in range(20)}
     assert all(r["grpc_code"] == "OK" and r["service"] == "echo" for r in rpc)
     assert any(r.get("message") == "draining" for r in records)
+
+
+CANCEL_STREAM = textwrap.dedent(
+    """
+    import asyncio, tempfile
+    from pathlib import Path
+    import grpc
+    from google.protobuf import wrappers_pb2 as w
+    from tests.runtime.conftest import EchoClient, make_settings
+    from tests.runtime.echo_service import EchoService, write_version
+    from services.runtime.server import Server
+
+    async def main():
+        d = Path(tempfile.mkdtemp())
+        write_version(d, 2.0)
+        server = Server(make_settings(d), EchoService)
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            client = EchoClient(channel)
+            for _ in range(200):
+                call = client.count(w.Int32Value(value=100000))
+                n = 0
+                async for _ in call:
+                    n += 1
+                    if n == 3:
+                        call.cancel()
+                        break
+        await server.stop(1)
+        print("survived")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_client_cancelling_a_server_stream_leaves_the_server_up() -> None:
+    """200 streams cancelled mid-flight; run in a child process so a crash fails the test, not the run."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CANCEL_STREAM], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert "INTERNAL" not in proc.stderr

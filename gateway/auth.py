@@ -1,0 +1,373 @@
+"""Authentication, scopes and per-principal rate limits, shared by the HTTP bridge and the gRPC port.
+
+Credentials (HTTP header or gRPC metadata):
+- ``x-api-key: <key>``: looked up by its SHA-256 in the keys file (``CBEC_API_KEYS_FILE``, mounted from a
+  Kubernetes Secret), or the same document in ``CBEC_API_KEYS_SHA256``. It holds hashes only, so reading
+  it does not reveal a key::
+
+      {"keys": [{"id": "storefront", "sha256": "<hex>", "scopes": ["gateway", "recommender"],
+                 "rate_per_s": 50, "burst": 100}]}
+
+  Keys are 256-bit random tokens (``python -m gateway.keys new``), so a plain SHA-256 is enough; a
+  slow password hash would only add latency. The file is re-read when it changes (key rotation
+  without a restart).
+- ``authorization: Bearer <JWT>``: HS256 with ``CBEC_JWT_SECRET_FILE`` or RS256/ES256 with
+  ``CBEC_JWT_PUBLIC_KEY_FILE``; ``exp`` is required, ``iss``/``aud`` are checked when configured; scopes
+  come from the ``scope`` (space-separated) or ``scopes`` claim; the principal is ``sub``.
+- Development only (``CBEC_ENV=dev``): the key in ``CBEC_DEV_API_KEY`` (default ``cbec-dev-key``) with
+  every scope. Never accepted with ``CBEC_ENV=prod``.
+
+Scopes: a method needs its backend's name (``recommender``, ``sentiment``, ``vision``, ``risk``,
+``chat``), ``gateway`` for the aggregations, or ``admin`` for the model-admin API; ``*`` grants all.
+Rate limits: a token bucket per principal (its own rate from the keys file, else the defaults); past
+it, RESOURCE_EXHAUSTED with ``RetryInfo`` (HTTP 429 with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .config import GatewaySettings, parse_keys_document, read_keys_file
+from .errors import GatewayError
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("cbec.gateway.auth")
+API_KEY_HEADER = "x-api-key"
+AUTHORIZATION = "authorization"
+principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+# gRPC services that answer without credentials: probes must work without a key.
+PUBLIC_GRPC_SERVICES = frozenset({"grpc.health.v1.Health"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    scopes: frozenset[str]
+    rate_per_s: float
+    burst: float
+    kind: str  # api_key | jwt | dev
+
+    def allows(self, scope: str | None) -> bool:
+        return scope is None or "*" in self.scopes or scope in self.scopes
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def unauthenticated(message: str, reason: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        message,
+        reason=reason,
+        headers={"WWW-Authenticate": 'Bearer realm="cbec-ai", ApiKey header="x-api-key"'},
+    )
+
+
+class KeyStore:
+    """API keys by SHA-256; re-reads its file when the file changes."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.path: Path | None = settings.api_keys_file
+        self._by_hash: dict[str, Principal] = {}
+        self._dev: dict[str, Principal] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        if settings.env == "dev":
+            self._dev[hash_key(settings.dev_api_key)] = Principal(
+                "dev", frozenset({"*"}), settings.rate_limit_per_s, settings.rate_limit_burst, "dev"
+            )
+        self._static: dict[str, Principal] = {}
+        if settings.api_keys_sha256:
+            self._static = self._principals(
+                parse_keys_document(settings.api_keys_sha256, "CBEC_API_KEYS_SHA256")
+            )
+        if self.path is not None:
+            self._load()
+
+    @property
+    def dev_key_enabled(self) -> bool:
+        return bool(self._dev)
+
+    def _load(self) -> None:
+        assert self.path is not None
+        stat = self.path.stat()
+        self._by_hash = self._principals(read_keys_file(self.path))
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        log.info("loaded %d API keys", len(self._by_hash))
+
+    def _principals(self, entries: list[dict[str, Any]]) -> dict[str, Principal]:
+        by_hash: dict[str, Principal] = {}
+        for entry in entries:
+            digest = str(entry["sha256"]).lower().removeprefix("sha256:")
+            by_hash[digest] = Principal(
+                id=str(entry.get("id") or f"key-{digest[:8]}"),
+                scopes=frozenset(str(s) for s in entry.get("scopes", [])),
+                rate_per_s=float(entry.get("rate_per_s", self.settings.rate_limit_per_s)),
+                burst=float(entry.get("burst", self.settings.rate_limit_burst)),
+                kind="api_key",
+            )
+        return by_hash
+
+    def maybe_reload(self) -> None:
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if now - self._checked < self.settings.keys_reload_s:
+            return
+        self._checked = now
+        try:
+            stat = self.path.stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                self._load()
+        except (OSError, ValueError) as exc:  # keep the keys we have
+            log.error("cannot reload API keys from %s: %s", self.path, exc)
+
+    def lookup(self, key: str) -> Principal | None:
+        digest = hash_key(key)
+        return self._by_hash.get(digest) or self._static.get(digest) or self._dev.get(digest)
+
+
+class JwtVerifier:
+    def __init__(self, settings: GatewaySettings) -> None:
+        import jwt  # PyJWT
+
+        self._jwt = jwt
+        self.settings = settings
+        if settings.jwt_secret_file is not None:
+            self.key: Any = settings.jwt_secret_file.read_bytes().strip()
+            self.algorithms = ["HS256", "HS384", "HS512"]
+        elif settings.jwt_public_key_file is not None:
+            self.key = settings.jwt_public_key_file.read_bytes()
+            self.algorithms = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+        else:
+            raise ValueError("no JWT key configured")
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    def verify(self, token: str) -> Principal:
+        cached = self._cache.get(token)
+        now = time.time()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        s = self.settings
+        try:
+            claims = self._jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=s.jwt_audience or None,
+                issuer=s.jwt_issuer or None,
+                leeway=s.jwt_leeway_s,
+                options={"require": ["exp", "sub"], "verify_aud": bool(s.jwt_audience)},
+            )
+        except self._jwt.PyJWTError as exc:
+            raise unauthenticated(f"invalid token: {exc}", "TOKEN_INVALID") from None
+        scopes = claims.get("scope", "")
+        scope_set = set(scopes.split()) if isinstance(scopes, str) else set()
+        extra = claims.get("scopes", [])
+        if isinstance(extra, list):
+            scope_set.update(str(x) for x in extra)
+        principal = Principal(
+            id=f"jwt:{claims['sub']}",
+            scopes=frozenset(scope_set),
+            rate_per_s=s.rate_limit_per_s,
+            burst=s.rate_limit_burst,
+            kind="jwt",
+        )
+        self._cache[token] = (principal, float(claims["exp"]))
+        if len(self._cache) > 10_000:
+            self._cache.popitem(last=False)
+        return principal
+
+
+class RateLimiter:
+    """A token bucket per principal (bounded: idle buckets are dropped first)."""
+
+    def __init__(self, max_principals: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._max = max_principals
+        self._clock = clock
+
+    def check(self, principal: Principal) -> float | None:
+        """None when admitted; otherwise the seconds until a call would be."""
+        now = self._clock()
+        bucket = self._buckets.get(principal.id)
+        if bucket is None:
+            bucket = [principal.burst, now]
+            self._buckets[principal.id] = bucket
+            if len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(principal.id)
+            bucket[0] = min(principal.burst, bucket[0] + (now - bucket[1]) * principal.rate_per_s)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return None
+        return (1.0 - bucket[0]) / principal.rate_per_s
+
+
+class Authenticator:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = KeyStore(settings)
+        self.jwt = (
+            JwtVerifier(settings)
+            if settings.jwt_secret_file is not None or settings.jwt_public_key_file is not None
+            else None
+        )
+        self.limiter = RateLimiter()
+        if self.keys.dev_key_enabled:
+            log.warning(
+                "CBEC_ENV=dev: the development API key is accepted; set CBEC_ENV=prod and a keys file "
+                "or JWT key in any shared or production deployment"
+            )
+
+    def _fail(self, error: GatewayError) -> GatewayError:
+        self.metrics.auth_failures.labels(error.reason or error.code.name).inc()
+        return error
+
+    def authenticate(self, api_key: str | None, authorization: str | None) -> Principal:
+        """The caller, from ``x-api-key`` or ``authorization: Bearer``; raises UNAUTHENTICATED."""
+        self.keys.maybe_reload()
+        if api_key:
+            principal = self.keys.lookup(api_key.strip())
+            if principal is None:
+                raise self._fail(unauthenticated("API key is not valid", "API_KEY_INVALID"))
+            return principal
+        if authorization:
+            scheme, _, credential = authorization.strip().partition(" ")
+            credential = credential.strip()
+            if scheme.lower() != "bearer" or not credential:
+                raise self._fail(unauthenticated("authorization must be 'Bearer <token>'", "TOKEN_INVALID"))
+            if credential.count(".") == 2 and self.jwt is not None:
+                try:
+                    return self.jwt.verify(credential)
+                except GatewayError as exc:
+                    raise self._fail(exc) from None
+            principal = self.keys.lookup(credential)  # an API key sent as a bearer token
+            if principal is None:
+                raise self._fail(unauthenticated("bearer token is not valid", "TOKEN_INVALID"))
+            return principal
+        raise self._fail(
+            unauthenticated("credentials required: x-api-key header or Bearer token", "CREDENTIALS_MISSING")
+        )
+
+    def authorize(self, principal: Principal, scope: str | None) -> None:
+        if not principal.allows(scope):
+            raise self._fail(
+                GatewayError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the credentials lack the scope {scope!r}",
+                    reason="SCOPE_MISSING",
+                    metadata={"scope": scope or ""},
+                )
+            )
+
+    def limit(self, principal: Principal) -> None:
+        wait = self.limiter.check(principal)
+        if wait is not None:
+            self.metrics.rate_limited.labels(principal.id if principal.kind != "jwt" else "jwt").inc()
+            raise GatewayError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of {principal.rate_per_s:g} calls/s exceeded for {principal.id}",
+                retry_after_s=wait,
+                reason="RATE_LIMITED",
+            )
+
+    def admit(self, api_key: str | None, authorization: str | None, scope: str | None) -> Principal:
+        principal = self.authenticate(api_key, authorization)
+        self.authorize(principal, scope)
+        self.limit(principal)
+        principal_var.set(principal)
+        return principal
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication on the gateway's gRPC port. Runs inside the runtime's interceptor, so a refusal
+    is an ordinary ``ServiceError`` turned into a rich status with the request id."""
+
+    def __init__(self, auth: Authenticator, scope_of: Callable[[str], str | None]) -> None:
+        self._auth = auth
+        self._scope_of = scope_of
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        service = method.split("/")[1] if method.count("/") == 2 else ""
+        if service in PUBLIC_GRPC_SERVICES:
+            return handler
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, self._scope_of(method))
+        self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _check(self, context: grpc.aio.ServicerContext, scope: str | None) -> None:
+        api_key = authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == API_KEY_HEADER:
+                api_key = str(value)
+            elif key == AUTHORIZATION:
+                authorization = str(value)
+        self._auth.admit(api_key, authorization, scope)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, scope: str | None) -> grpc.RpcMethodHandler:
+        check = self._check
+        des, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                check(context, scope)
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return make(unary, des, ser)
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            check(context, scope)
+            result = inner_stream(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                await result
+            else:
+                for item in result:
+                    yield item
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return make(streaming, des, ser)

@@ -1,0 +1,237 @@
+"""Gateway settings (``CBEC_*`` variables) on top of the runtime's.
+
+Credentials. Production API keys live in a keys file (``CBEC_API_KEYS_FILE``, JSON, mounted from a
+Kubernetes Secret) or in ``CBEC_API_KEYS_SHA256`` (the same JSON from a secret environment variable);
+either holds only SHA-256 hashes of the keys, never the keys themselves; make an entry with
+``python -m gateway.keys new --id NAME --scopes gateway,recommender``. JWTs are verified with
+``CBEC_JWT_SECRET_FILE`` (HS256) or ``CBEC_JWT_PUBLIC_KEY_FILE`` (RS256/ES256).
+
+Development key. Only when ``CBEC_ENV=dev`` (``make run`` sets it; the default is ``prod``)
+the key in ``CBEC_DEV_API_KEY`` (default ``cbec-dev-key``, with every scope) is accepted as well and
+a warning is logged at start. With ``CBEC_ENV=prod`` the development key is never
+accepted, and the gateway refuses to start unless a keys file or a JWT key is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from services.runtime.config import DEFAULT_PORTS, RuntimeSettings
+
+#: Backends the gateway knows, named like their package (``cbec.<name>.v1``) and service folder.
+BACKENDS = ("recommender", "chat", "sentiment", "vision", "risk")
+DEV_API_KEY = "cbec-dev-key"
+
+
+def _default_addr(name: str) -> str:
+    """Where ``make run`` starts the service: its standard port, or the launcher's override of it."""
+    port = os.environ.get(f"CBEC_{name.upper()}_GRPC_PORT") or DEFAULT_PORTS[name][0]
+    return f"127.0.0.1:{port}"
+
+
+class GatewaySettings(RuntimeSettings):
+    """Everything the gateway reads from the environment; see the module docstring for credentials."""
+
+    service: str = "gateway"
+    # The gateway's own gRPC messages are small; the runtime's 8 MiB default is for model inputs.
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+
+    # --- backends ---------------------------------------------------------------------------------
+    recommender_addr: str = Field(default_factory=lambda: _default_addr("recommender"))
+    chat_addr: str = Field(default_factory=lambda: _default_addr("chat"))
+    sentiment_addr: str = Field(default_factory=lambda: _default_addr("sentiment"))
+    vision_addr: str = Field(default_factory=lambda: _default_addr("vision"))
+    risk_addr: str = Field(default_factory=lambda: _default_addr("risk"))
+    backend_timeout_s: float = Field(
+        2.0, gt=0, le=600, description="Longest a backend call of an aggregation may take."
+    )
+    backend_timeouts: dict[str, float] = Field(
+        default_factory=dict, description='Per-backend overrides as JSON, e.g. {"risk": 0.3}.'
+    )
+    backend_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    default_deadline_s: float = Field(
+        5.0, gt=0, le=600, description="Deadline of a call whose caller set none (aggregations, bridge)."
+    )
+    max_deadline_s: float = Field(60.0, gt=0, le=3600, description="Cap on a unary caller's deadline.")
+    stream_deadline_s: float = Field(300.0, gt=0, le=86400, description="Deadline of a streaming call.")
+    deadline_reserve_ms: float = Field(
+        25.0, ge=0, le=10_000, description="Kept back from the caller's deadline to assemble the answer."
+    )
+    reconnect_max_backoff_s: float = Field(2.0, gt=0, le=120)
+    backend_tls_ca_file: Path | None = Field(None, description="PEM CA that signs the services' certs.")
+    backend_tls_cert_file: Path | None = Field(None, description="Client cert for mTLS to the services.")
+    backend_tls_key_file: Path | None = None
+    backend_tls_server_name: str = Field("", description="Override the TLS name checked on backends.")
+
+    # --- resilience -------------------------------------------------------------------------------
+    retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retryPolicy.maxAttempts (1 = off).")
+    retry_initial_backoff_s: float = Field(0.05, gt=0, le=10)
+    retry_max_backoff_s: float = Field(0.5, gt=0, le=60)
+    retry_throttle_max_tokens: int = Field(10, ge=1, le=1000, description="gRPC retryThrottling.")
+    retry_throttle_token_ratio: float = Field(0.1, gt=0, le=1)
+    breaker_failure_threshold: int = Field(5, ge=1, le=10_000, description="Consecutive failures.")
+    breaker_open_s: float = Field(5.0, gt=0, le=3600, description="Open time before one trial call.")
+
+    # --- aggregation ------------------------------------------------------------------------------
+    feed_default_k: int = Field(20, ge=1, le=500)
+    max_k: int = Field(100, ge=1, le=500)
+    feed_sentiment_window_days: int = Field(90, ge=1, le=3650)
+    fanout_concurrency: int = Field(32, ge=1, le=1024, description="Per-request cap on parallel calls.")
+    product_images_dir: Path | None = Field(
+        None, description="Catalogue images as <product_id>.{jpg,jpeg,png,webp}; enables visual search."
+    )
+
+    # --- HTTP bridge ------------------------------------------------------------------------------
+    http_host: str = ""
+    http_port: int = Field(8080, ge=0, le=65535)
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description="Unary HTTP body (and NDJSON line)."
+    )
+    max_stream_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=8 * 1024 * 1024 * 1024)
+    cors_origins: str = Field("", description="Comma-separated allowed origins; * allows any.")
+    cors_max_age_s: int = Field(600, ge=0, le=86400)
+    ready_requires: str = Field(
+        "*", description="Backends /readyz needs SERVING: comma-separated names, * = all, empty = none."
+    )
+
+    # --- authentication ---------------------------------------------------------------------------
+    env: Literal["dev", "prod"] = Field("prod", description="dev accepts CBEC_DEV_API_KEY; prod never.")
+    dev_api_key: str = Field(DEV_API_KEY, min_length=8)
+    api_keys_file: Path | None = Field(None, description="JSON file of SHA-256 key hashes (a Secret).")
+    api_keys_sha256: str = Field(
+        "", description="The same JSON document as the keys file, from a secret env var (Helm secretEnv)."
+    )
+    jwt_secret_file: Path | None = Field(None, description="HS256 shared secret.")
+    jwt_public_key_file: Path | None = Field(None, description="PEM public key for RS256/ES256.")
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: float = Field(30.0, ge=0, le=3600)
+    rate_limit_per_s: float = Field(50.0, gt=0, le=1_000_000, description="Default per principal.")
+    rate_limit_burst: float = Field(100.0, ge=1, le=10_000_000)
+    keys_reload_s: float = Field(5.0, gt=0, le=3600, description="How often the keys file is re-read.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_aliases(cls, data: Any) -> Any:
+        """``CBEC_<NAME>_ADDRESS`` (what the Helm chart sets) works as well as ``CBEC_<NAME>_ADDR``."""
+        if isinstance(data, dict):
+            for name in BACKENDS:
+                alias = os.environ.get(f"CBEC_{name.upper()}_ADDRESS")
+                if alias and not data.get(f"{name}_addr"):
+                    data[f"{name}_addr"] = alias
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        for path in (
+            self.backend_tls_ca_file,
+            self.backend_tls_cert_file,
+            self.backend_tls_key_file,
+            self.api_keys_file,
+            self.jwt_secret_file,
+            self.jwt_public_key_file,
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file {path} does not exist")
+        if (self.backend_tls_cert_file is None) != (self.backend_tls_key_file is None):
+            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE and CBEC_BACKEND_TLS_KEY_FILE must be set together")
+        if self.backend_tls_cert_file is not None and self.backend_tls_ca_file is None:
+            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE needs CBEC_BACKEND_TLS_CA_FILE")
+        if self.jwt_secret_file is not None and self.jwt_public_key_file is not None:
+            raise ValueError("set CBEC_JWT_SECRET_FILE or CBEC_JWT_PUBLIC_KEY_FILE, not both")
+        unknown = set(self.backend_timeouts) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"CBEC_BACKEND_TIMEOUTS names unknown backends {sorted(unknown)}")
+        if any(v <= 0 for v in self.backend_timeouts.values()):
+            raise ValueError("CBEC_BACKEND_TIMEOUTS values must be > 0")
+        bad = set(self.required_backends) - set(BACKENDS)
+        if bad:
+            raise ValueError(f"CBEC_READY_REQUIRES names unknown backends {sorted(bad)}")
+        if self.api_keys_file is not None:
+            read_keys_file(self.api_keys_file)
+        if self.api_keys_sha256:
+            parse_keys_document(self.api_keys_sha256, "CBEC_API_KEYS_SHA256")
+        if self.jwt_secret_file is not None and len(self.jwt_secret_file.read_bytes().strip()) < 32:
+            raise ValueError("CBEC_JWT_SECRET_FILE must hold at least 32 bytes")
+        if self.jwt_public_key_file is not None:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            try:
+                load_pem_public_key(self.jwt_public_key_file.read_bytes())
+            except ValueError:
+                raise ValueError("CBEC_JWT_PUBLIC_KEY_FILE is not a PEM public key") from None
+        if self.env == "prod" and not self.has_production_credentials:
+            raise ValueError(
+                "CBEC_ENV=prod needs CBEC_API_KEYS_FILE, CBEC_API_KEYS_SHA256 or a JWT key "
+                "(CBEC_JWT_SECRET_FILE / CBEC_JWT_PUBLIC_KEY_FILE); the development key is refused in prod"
+            )
+        return self
+
+    @property
+    def has_production_credentials(self) -> bool:
+        files = (self.api_keys_file, self.jwt_secret_file, self.jwt_public_key_file)
+        return bool(self.api_keys_sha256) or any(p is not None for p in files)
+
+    def backend_address(self, name: str) -> str | None:
+        """``CBEC_<NAME>_ADDR`` (or ``_ADDRESS``): a field for known backends, else from the environment."""
+        if name in BACKENDS:
+            return str(getattr(self, f"{name}_addr"))
+        env = os.environ
+        return env.get(f"CBEC_{name.upper()}_ADDR") or env.get(f"CBEC_{name.upper()}_ADDRESS") or None
+
+    def backend_timeout(self, name: str) -> float:
+        return self.backend_timeouts.get(name, self.backend_timeout_s)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def required_backends(self) -> tuple[str, ...]:
+        value = self.ready_requires.strip()
+        if value == "*":
+            return BACKENDS
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+
+    @property
+    def http_bind_host(self) -> str:
+        return self.http_host or self.host
+
+
+def read_keys_file(path: Path) -> list[dict[str, Any]]:
+    """The entries of an API keys file, checked: ``{"keys": [{"id", "sha256", "scopes", ...}]}``."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"API keys file {path} is not readable: {exc}") from None
+    return parse_keys_document(text, f"API keys file {path}")
+
+
+def parse_keys_document(text: str, source: str) -> list[dict[str, Any]]:
+    """The entries of a keys document (the keys file's content, or ``CBEC_API_KEYS_SHA256``), checked."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} is not readable JSON: {exc}") from None
+    entries = raw.get("keys") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f'{source} must be {{"keys": [...]}}')
+    for i, entry in enumerate(entries):
+        digest = (
+            str(entry.get("sha256", "")).lower().removeprefix("sha256:") if isinstance(entry, dict) else ""
+        )
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"{source}: keys[{i}].sha256 is not a SHA-256 hex digest")
+        scopes = entry.get("scopes", [])
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise ValueError(f"{source}: keys[{i}].scopes must be a list of strings")
+        for limit in ("rate_per_s", "burst"):
+            value = entry.get(limit)
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise ValueError(f"{source}: keys[{i}].{limit} must be a positive number")
+    return entries
