@@ -43,6 +43,8 @@ from .state import ScoredRow, StateStore
 
 log = logging.getLogger("cbec.risk")
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name
+# Health name that reports the currency-rates table: NOT_SERVING while it is older than its maximum age.
+RATES_HEALTH = f"{SERVICE_NAME}.rates"
 MAX_ID_LENGTH = 256
 MAX_AMOUNT = 1e12
 OLDEST_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake, not a transaction
@@ -155,6 +157,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     service_names: Sequence[str] = (SERVICE_NAME,)
 
     def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         settings = runtime.settings
         if not isinstance(settings, RiskSettings):  # a plain RuntimeSettings (tests, other launchers)
             settings = RiskSettings(**settings.model_dump())
@@ -180,7 +183,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     # --- lifecycle ---
     async def start(self) -> None:
-        self._check_rates_age()
+        await self._check_rates_age()
         self._rates_task = asyncio.get_running_loop().create_task(self._watch_rates(), name="risk-rates")
 
     async def stop(self) -> None:
@@ -206,8 +209,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     def rates_stale(self) -> bool:
         return self.rates.age_seconds() > self.settings.risk_rates_max_age_days * 86_400
 
-    def _check_rates_age(self) -> None:
+    async def _check_rates_age(self) -> None:
+        """Stale rates keep serving (a checkout must not stop), but health says so under its own name."""
         stale = self.rates_stale()
+        await self.runtime.set_health(RATES_HEALTH, not stale)
         if stale and not self._warned_stale:
             log.warning(
                 "currency rates table %s (as of %s) is %.1f days old, older than the %.1f-day maximum; "
@@ -237,7 +242,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                     self.rates.version,
                     exc,
                 )
-            self._check_rates_age()
+            await self._check_rates_age()
 
     # --- scoring (worker threads) ---
     def _info(self, manifest: Manifest) -> common_pb2.ModelInfo:

@@ -49,7 +49,16 @@ class Runtime:
     metrics: RuntimeMetrics
     device: Device
     store: ModelStore
-    _batchers: list[MicroBatcher[Any, Any]] = field(default_factory=list)
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    batchers: list[MicroBatcher[Any, Any]] = field(default_factory=list)
+
+    async def set_health(self, name: str, serving: bool) -> None:
+        """Report a component's state under its own health name (e.g. ``cbec.risk.v1.RiskService.rates``).
+
+        Probes check the server's overall status (""), so a degraded component is visible to
+        clients and SREs without taking the pod out of service.
+        """
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
 
     def batcher(
         self, fn: Callable[[list[Any]], Sequence[Any]], name: str, **overrides: Any
@@ -65,7 +74,7 @@ class Runtime:
         for key, value in overrides.items():
             setattr(config, key, value)
         batcher: MicroBatcher[Any, Any] = MicroBatcher(fn, config, self.metrics)
-        self._batchers.append(batcher)
+        self.batchers.append(batcher)
         return batcher
 
     def model_slot(self, loader: Callable[[Any, Manifest], M]) -> ModelSlot[M]:
@@ -100,8 +109,8 @@ class Server:
         self.runtime = Runtime(
             settings, self.metrics, self.device, ModelStore(settings.models_dir, settings.service)
         )
+        self.health = self.runtime.health
         self.service = build(self.runtime)
-        self.health = health.aio.HealthServicer()
         self.interceptor = RuntimeInterceptor(
             self.metrics, settings.max_concurrent_calls, settings.access_log
         )
@@ -198,7 +207,7 @@ class Server:
         log.info("draining", extra={"grace_s": grace, "in_flight": self.interceptor.in_flight})
         await self._set_health(NOT_SERVING)
         await self._server.stop(grace)
-        for batcher in self.runtime._batchers:
+        for batcher in self.runtime.batchers:
             await batcher.close()
         await self.service.stop()
         if self._metrics_server is not None:

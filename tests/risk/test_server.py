@@ -18,7 +18,7 @@ from cbec.risk.v1 import risk_pb2, risk_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.risk.features import FEATURES, RatesTable, Tx
-from services.risk.server import build
+from services.risk.server import RATES_HEALTH, build
 from services.runtime.errors import field_violations
 from services.runtime.server import Server
 from tests.risk.conftest import Trained, good_transaction, now_ms, risk_settings, to_proto, ts
@@ -28,9 +28,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CODES = {f.code for f in FEATURES} | {"ANOMALOUS_PATTERN"}
 
 
-async def health(port: int) -> int:
+async def health(port: int, service: str = "") -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        response = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await health_pb2_grpc.HealthStub(ch).Check(request)
         return response.status
 
 
@@ -242,7 +243,7 @@ def write_rates(path: Path, version: str, as_of: str, eur: float = 0.5) -> Path:
     return path
 
 
-async def test_stale_rates_reported_in_metrics_and_logs(
+async def test_stale_rates_reported_in_health_metrics_and_logs(
     trained: Trained, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rates = write_rates(tmp_path / "rates.json", "old", "2020-01-01")
@@ -253,6 +254,7 @@ async def test_stale_rates_reported_in_metrics_and_logs(
         await srv.start()
     try:
         assert await health(srv.grpc_port) == SERVING  # stale rates still serve
+        assert await health(srv.grpc_port, RATES_HEALTH) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert any("older than" in r.getMessage() for r in caplog.records)
         text = await asyncio.to_thread(metrics_text, srv)
         assert "risk_rates_stale 1.0" in text
@@ -275,6 +277,7 @@ async def test_rates_reload_when_the_file_changes(trained: Trained, tmp_path: Pa
     await srv.start()
     try:
         assert "risk_rates_stale 0.0" in await asyncio.to_thread(metrics_text, srv)
+        assert await health(srv.grpc_port, RATES_HEALTH) == SERVING
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
             stub = risk_pb2_grpc.RiskServiceStub(ch)
             a = await score(stub, good_transaction(amount=10.0))
