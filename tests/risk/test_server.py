@@ -190,7 +190,8 @@ async def test_bad_outcome_reports(
         ({"user_id": " "}, "transaction.user_id", "required"),
         ({"card_fingerprint": ""}, "transaction.card_fingerprint", "required"),
         ({"buyer_timezone": "Mars/Olympus"}, "transaction.buyer_timezone", "time zone"),
-        ({"account_created_time": ts(now_ms())}, "transaction.account_created_time", "after occurred_time"),
+        ({"occurred_time": ts(now_ms() - 7_200_000), "account_created_time": ts(now_ms() - 3_600_000)},
+         "transaction.account_created_time", "after occurred_time"),  # fmt: skip
     ],
 )
 async def test_bad_transactions(
