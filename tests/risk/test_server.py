@@ -190,8 +190,11 @@ async def test_bad_outcome_reports(
         ({"user_id": " "}, "transaction.user_id", "required"),
         ({"card_fingerprint": ""}, "transaction.card_fingerprint", "required"),
         ({"buyer_timezone": "Mars/Olympus"}, "transaction.buyer_timezone", "time zone"),
-        ({"occurred_time": ts(now_ms() - 7_200_000), "account_created_time": ts(now_ms() - 3_600_000)},
-         "transaction.account_created_time", "after occurred_time"),  # fmt: skip
+        (
+            {"occurred_time": ts(now_ms() - 7_200_000), "account_created_time": ts(now_ms() - 3_600_000)},
+            "transaction.account_created_time",
+            "after occurred_time",
+        ),
     ],
 )
 async def test_bad_transactions(
