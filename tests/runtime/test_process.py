@@ -10,14 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2 as w
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.runtime import probe
 from tests.runtime.conftest import EchoClient
 from tests.runtime.echo_service import write_version
 
@@ -53,18 +52,8 @@ def start(env_extra: dict[str, str], models_dir: Path) -> tuple[subprocess.Popen
 
 
 async def wait_serving(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"server on {port} never reported SERVING")
+    if not await probe.wait_serving(f"127.0.0.1:{port}", timeout):
+        raise TimeoutError(f"server on {port} never reported SERVING")
 
 
 @pytest.mark.parametrize(
