@@ -26,7 +26,7 @@ from .probe import check
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ("recommender", "chat", "sentiment", "vision", "risk", "gateway")
-console = Console(stderr=True)
+console = Console(stderr=True, width=110)
 
 
 @dataclass
@@ -85,11 +85,19 @@ def endpoints(specs: list[Spec], log_dir: Path) -> Table:
             spec.name,
             f"127.0.0.1:{spec.grpc_port}",
             f"http://127.0.0.1:{spec.metrics_port}/metrics",
-            str(log_dir / f"{spec.name}.log"),
+            _shown(log_dir / f"{spec.name}.log"),
         )
     if any(s.name == "gateway" for s in specs):
         table.add_row("HTTP bridge", "", "http://127.0.0.1:8080", "")
     return table
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (keeps the table narrow)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
