@@ -36,8 +36,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 setup: $(VENV)/.installed gen/.stamp data/.stamp
 
 # Data sets shipped in Debian packages, unpacked into data/ (no root install needed).
-DEBIAN_DATA := r-cran-modeldata
-data/.stamp:
+DEBIAN_DATA := r-cran-modeldata dataset-fashion-mnist
+data/.stamp: Makefile
 	mkdir -p build/deb data/deb
 	cd build/deb && for p in $(DEBIAN_DATA); do \
 		apt-get download $$p 2>/dev/null || (apt-get update -qq && apt-get download $$p); done
