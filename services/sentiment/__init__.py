@@ -1,0 +1,1 @@
+"""Multilingual review sentiment and aggregated market reports (``cbec.sentiment.v1``)."""

@@ -1,0 +1,50 @@
+"""Sentiment settings (environment ``CBEC_SENTIMENT_*``), on top of the runtime's shared settings.
+
+Field names carry a ``sentiment_`` prefix because ``make run`` hands one environment to every service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.runtime.config import RuntimeSettings
+
+
+class SentimentSettings(RuntimeSettings):
+    sentiment_db_path: Path | None = Field(
+        None, description="SQLite file of ingested reviews; default <models dir>/sentiment-data/reviews.db."
+    )
+    sentiment_cache_dir: Path | None = Field(
+        None, description="Embedding cache folder; default <models dir>/.cache/sentiment."
+    )
+    sentiment_max_tokens: int = Field(
+        512, ge=16, le=512, description="Token limit per text; longer texts are cut and flagged."
+    )
+    sentiment_max_text_bytes: int = Field(
+        64 * 1024, ge=256, le=4 * 1024 * 1024, description="Larger texts are refused, not cut."
+    )
+    sentiment_max_texts_per_call: int = Field(256, ge=1, le=10_000)
+    sentiment_max_reviews_per_call: int = Field(1000, ge=1, le=100_000)
+    sentiment_alert_negative_share: float = Field(
+        0.30, gt=0, lt=1, description="Alert when a window's negative share exceeds this."
+    )
+    sentiment_alert_negative_rise: float = Field(
+        0.10, gt=0, lt=1, description="Alert when the negative share rises this much, significantly."
+    )
+    sentiment_significance: float = Field(0.05, gt=0, lt=1)
+    sentiment_min_theme_count: int = Field(3, ge=1)
+    sentiment_max_window_days: int = Field(3660, ge=1)
+    sentiment_stream_window: int = Field(
+        64, ge=1, le=4096, description="AnalyzeStream texts in flight before reading more."
+    )
+    sentiment_embed_threads: int = Field(0, ge=0, le=256, description="OpenMP threads; 0 = library default.")
+
+    @property
+    def db_path(self) -> Path:
+        return self.sentiment_db_path or self.models_dir / "sentiment-data" / "reviews.db"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.sentiment_cache_dir or self.models_dir / ".cache" / "sentiment"
