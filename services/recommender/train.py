@@ -1,0 +1,709 @@
+"""Training and evaluation pipeline (the seed's steps 1-5) as one command:
+
+1. load ANY interactions file (CSV / TSV / Parquet / the service's event store) and optional items
+   file, drop erased users, clean and de-duplicate;
+2. build the sparse user x item matrix;
+3. split: random per-user holdout and temporal leave-last-out (k-fold on request);
+4. tune on a validation split carved from the training part (never the test part), train each
+   model with a progress bar, evaluate Precision/Recall/NDCG/MAP/HitRate@k and coverage;
+5. write the evaluation as JSON and a PNG chart, refit the serving model on all the data and save
+   it as a new version in the model store; a running service switches to it without a restart
+   (ModelAdminService.LoadModelVersion, or SIGHUP).
+
+    python -m services.recommender.train --interactions ml-100k
+    python -m services.recommender.train --interactions my.csv --items items.parquet --serve als
+    python -m services.recommender.train --interactions ml-100k --events data/recommender/events.sqlite3
+
+Retraining from the events of RecordInteractions is the same command (``--events``, or the event
+store as ``--interactions``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from services.runtime.device import Device, select_device
+from services.runtime.model_store import ModelStore
+
+from . import data as D
+from .bundle import save_bundle
+from .embeddings import Embedder, EmbeddingCache, item_text
+from .events import EventStore
+from .index import VectorIndex
+from .metrics import Evaluation, evaluate
+from .models import FitContext, Hybrid, Popularity, Recommender, VectorModel, build
+from .split import Split, kfold, leave_last_out, random_holdout
+
+log = logging.getLogger("cbec.recommender.train")
+BASE_MODELS = ("popularity", "als", "bpr", "ease", "torch_mf", "content")
+ALL_MODELS = (*BASE_MODELS, "hybrid")
+
+# Search spaces for tuning on the validation split ("quick" tunes EASE, ALS and the blend).
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "ease": [{"l2": v} for v in (150.0, 250.0, 400.0, 550.0, 750.0, 1000.0, 1500.0)],
+    "als": [{"regularization": r, "alpha": a} for r in (5.0, 10.0, 20.0, 40.0) for a in (1.0, 2.0, 4.0)],
+    "bpr": [{"learning_rate": lr, "regularization": r} for lr in (0.005, 0.01) for r in (0.02, 0.05, 0.1)],
+    "torch_mf": [{"weight_decay": wd} for wd in (3e-5, 1e-4, 3e-4)],
+}
+QUICK = ("ease", "als")
+BLEND_STEPS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
+
+
+@dataclass
+class Prepared:
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    encoding: D.Encoding
+    report: D.CleanReport
+    events_seq: int = 0
+    fingerprint: str = ""
+    source: str = ""
+
+
+def prepare(
+    interactions: str | Path | pd.DataFrame,
+    items: str | Path | pd.DataFrame | None = None,
+    events: str | Path | None = None,
+    min_user_interactions: int = 1,
+) -> Prepared:
+    """Steps 1-2: load, drop erased users, clean, align the catalogue and build the id encoding."""
+    source = str(interactions) if not isinstance(interactions, pd.DataFrame) else "dataframe"
+    fingerprint_paths: list[Path] = []
+    store_paths = [Path(events)] if events else []
+    base_raw: pd.DataFrame | None = None
+    if isinstance(interactions, pd.DataFrame):
+        base_raw = interactions
+    elif str(interactions) == "ml-100k":
+        base_raw, ml_items = D.movielens_100k()
+        items = ml_items if items is None else items
+        fingerprint_paths.append(D.movielens_100k_dir() / "ml-100k.inter")
+    elif str(interactions).endswith((".sqlite3", ".sqlite", ".db")):
+        store_paths.insert(0, Path(interactions))
+    else:
+        base_raw = D.load_interactions(interactions)
+        fingerprint_paths.append(Path(interactions))
+    forgotten: frozenset[str] = frozenset()
+    events_seq = 0
+    store_items: list[tuple[str, dict[str, Any]]] = []
+    store_frames = []
+    for path in store_paths:
+        store = EventStore(path)
+        try:
+            forgotten = forgotten | store.forgotten_hashes()
+            events_seq = max(events_seq, store.last_seq)
+            store_items += [(s.item_id, s.body) for s in store.items()]
+        finally:
+            store.close()
+        store_frames.append(D.load_interactions(path))
+        fingerprint_paths.append(path)
+    # Erasure applies to input files; the store already deleted an erased user's events, and what
+    # the same id records after the erasure belongs to a new user.
+    parts = []
+    dropped_forgotten = 0
+    if base_raw is not None:
+        base, base_report = D.clean_interactions(base_raw, 1, forgotten)
+        dropped_forgotten = base_report.dropped_forgotten
+        parts.append(base)
+    parts += [D.clean_interactions(f, 1)[0] for f in store_frames if len(f)]
+    if not parts:
+        raise D.DataError("no interactions to train on")
+    merged = pd.concat(parts, ignore_index=True)
+    cleaned, report = D.clean_interactions(merged, min_user_interactions)
+    report.rows_in = (len(base_raw) if base_raw is not None else 0) + sum(len(f) for f in store_frames)
+    report.dropped_forgotten = dropped_forgotten
+    if items is None:
+        catalogue = pd.DataFrame({"item_id": pd.unique(cleaned["item_id"])})
+    elif isinstance(items, pd.DataFrame):
+        catalogue = items
+    else:
+        catalogue = D.load_items(items)
+        fingerprint_paths.append(Path(items))
+    catalogue = D.normalise_items(catalogue)
+    if store_items:
+        upserted = pd.DataFrame(
+            [
+                {
+                    "item_id": item_id,
+                    "title": body.get("title", ""),
+                    "description": body.get("description", ""),
+                    "category": body.get("category", ""),
+                    "markets": "|".join(body.get("markets", [])),
+                    "language": body.get("language", ""),
+                }
+                for item_id, body in store_items
+            ]
+        )
+        catalogue = D.normalise_items(pd.concat([catalogue, upserted], ignore_index=True))
+    missing = pd.Index(pd.unique(cleaned["item_id"])).difference(pd.Index(catalogue["item_id"]))
+    if len(missing):
+        catalogue = D.normalise_items(
+            pd.concat([catalogue, pd.DataFrame({"item_id": missing.astype(str)})], ignore_index=True)
+        )
+    encoding = D.Encoding(
+        np.asarray(pd.unique(cleaned["user_id"])).astype(str), catalogue["item_id"].to_numpy().astype(str)
+    )
+    from services.runtime.model_store import fingerprint
+
+    return Prepared(
+        interactions=cleaned,
+        items=catalogue.reset_index(drop=True),
+        encoding=encoding,
+        report=report,
+        events_seq=events_seq,
+        fingerprint=fingerprint(*fingerprint_paths) if fingerprint_paths else "",
+        source=source,
+    )
+
+
+def embed_catalogue(
+    items: pd.DataFrame, embedder: Embedder | None, progress: bool = False
+) -> np.ndarray | None:
+    """Item text embeddings aligned with the catalogue, or None when no item has text."""
+    if embedder is None:
+        return None
+    texts = [
+        item_text(t, d, c)
+        for t, d, c in zip(items["title"], items["description"], items["category"], strict=True)
+    ]
+    if not any(texts):
+        return None
+    return embedder.embed(texts, progress=progress)
+
+
+@dataclass
+class TrainConfig:
+    models: Sequence[str] = ALL_MODELS
+    serve: str = "hybrid"
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tune: str = "quick"  # none | quick | full
+    seed: int = 0
+    ks: Sequence[int] = (10, 20)
+    test_fraction: float = 0.2
+    splits: Sequence[str] = ("random", "temporal")
+    kfold: int = 0
+    index: str = "auto"
+    evaluate: bool = True
+    progress: bool = True
+    max_eval_users: int = 0
+    validation_folds: int = 1
+
+
+@dataclass
+class TrainResult:
+    evaluation: dict[str, Any]
+    params: dict[str, dict[str, Any]]
+    version: str = ""
+    per_user: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _context(
+    prepared: Prepared,
+    train: pd.DataFrame,
+    embeddings: np.ndarray | None,
+    device: Device,
+    seed: int,
+    progress: bool,
+) -> FitContext:
+    return FitContext(
+        device=device,
+        seed=seed,
+        progress=progress,
+        interactions=prepared.encoding.add_index_columns(train),
+        item_embeddings=embeddings,
+    )
+
+
+def available(models: Sequence[str], embeddings: np.ndarray | None, n_items: int) -> list[str]:
+    out = []
+    for name in models:
+        if name == "content" and embeddings is None:
+            log.warning("no item text: skipping the content model")
+            continue
+        if name == "ease" and n_items > 20000:
+            log.warning("EASE needs a dense %d x %d matrix: skipping it", n_items, n_items)
+            continue
+        out.append(name)
+    return out
+
+
+def fit_models(
+    names: Sequence[str],
+    X: sp.csr_matrix,
+    ctx: FitContext,
+    params: dict[str, dict[str, Any]],
+    bar: Any = None,
+) -> dict[str, Recommender]:
+    fitted: dict[str, Recommender] = {}
+    for name in names:
+        if name == "hybrid":
+            continue
+        if bar is not None:
+            bar.set_postfix_str(name)
+        model = build(name, **params.get(name, {}))
+        t0 = time.perf_counter()
+        model.fit(X, ctx)
+        log.info("fitted %s in %.1fs", name, time.perf_counter() - t0)
+        fitted[name] = model
+        if bar is not None:
+            bar.update(1)
+    return fitted
+
+
+def _scorer(model: Recommender, X: sp.csr_matrix) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda rows: model.score(rows, X[rows])
+
+
+def _eval_users(test: sp.csr_matrix, limit: int, seed: int) -> np.ndarray:
+    users = np.flatnonzero(np.diff(test.tocsr().indptr) > 0)
+    if limit and len(users) > limit:
+        users = np.sort(np.random.default_rng(seed).choice(users, limit, replace=False))
+    return users
+
+
+def tune_blend(
+    scores: dict[str, np.ndarray], X: sp.csr_matrix, T: sp.csr_matrix, users: np.ndarray, k: int = 10
+) -> tuple[dict[str, float], float]:
+    """Coordinate ascent on the blend weights, maximising NDCG@k on the validation users."""
+    z = {}
+    for name, s in scores.items():
+        std = s.std(axis=1, keepdims=True)
+        z[name] = ((s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    pos = {int(u): i for i, u in enumerate(users)}
+
+    def ndcg(weights: dict[str, float]) -> float:
+        if not any(weights.values()):
+            return -1.0
+        total = sum(w * z[n] for n, w in weights.items() if w)
+        return evaluate(lambda rows: total[[pos[int(r)] for r in rows]], X, T, (k,), users=users).mean[
+            f"ndcg@{k}"
+        ]
+
+    singles = {n: ndcg({n: 1.0}) for n in z}
+    best_name = max(singles, key=singles.__getitem__)
+    weights = {n: (1.0 if n == best_name else 0.0) for n in z}
+    best = singles[best_name]
+    for _round in range(3):
+        improved = False
+        for name in z:
+            if name == best_name:
+                continue
+            for step in BLEND_STEPS:
+                trial = {**weights, name: step}
+                value = ndcg(trial)
+                if value > best + 1e-5:
+                    best, weights, improved = value, trial, True
+        if not improved:
+            break
+    return weights, best
+
+
+def validation_splits(train: pd.DataFrame, config: TrainConfig) -> list[Split]:
+    """Per-user random holdouts of the training part (seeds seed+1 ...), never the test part."""
+    folds = range(config.validation_folds)
+    return [random_holdout(train, config.test_fraction, seed=config.seed + 1 + f) for f in folds]
+
+
+def tune(
+    prepared: Prepared,
+    train: pd.DataFrame,
+    names: Sequence[str],
+    config: TrainConfig,
+    embeddings: np.ndarray | None,
+    device: Device,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Tune on ``validation_folds`` validation splits carved from ``train``: each setting is scored
+    by its NDCG@10 averaged over the folds, which halves the noise of one split."""
+    from tqdm.auto import tqdm
+
+    params = {n: dict(config.params.get(n, {})) for n in names}
+    if config.tune == "none":
+        return params, {}
+    enc = prepared.encoding
+    folds = []
+    for valid in validation_splits(train, config):
+        X, T = enc.matrix(valid.train), enc.matrix(valid.test, binary=True)
+        ctx = _context(prepared, valid.train, embeddings, device, config.seed, False)
+        folds.append((X, T, ctx, _eval_users(T, config.max_eval_users, config.seed)))
+    report: dict[str, Any] = {
+        "validation": [v.describe() for v in validation_splits(train, config)],
+        "grid": {},
+    }
+    tunable = [n for n in names if n in GRIDS and (config.tune == "full" or n in QUICK)]
+    total = sum(len(GRIDS[n]) for n in tunable) * len(folds)
+    with tqdm(total=total, desc="tuning on validation", disable=not config.progress) as bar:
+        for name in tunable:
+            results = []
+            for grid_params in GRIDS[name]:
+                if any(k in config.params.get(name, {}) for k in grid_params):
+                    continue  # set explicitly: not tuned
+                trial = {**params[name], **grid_params}
+                values = []
+                for X, T, ctx, users in folds:
+                    model = build(name, **trial)
+                    model.fit(X, ctx)
+                    values.append(evaluate(_scorer(model, X), X, T, (10,), users=users).mean["ndcg@10"])
+                    bar.update(1)
+                value = float(np.mean(values))
+                results.append((value, grid_params))
+                bar.set_postfix_str(f"{name} {grid_params} ndcg@10={value:.4f}")
+            if results:
+                best_value, best_params = max(results, key=lambda r: r[0])
+                params[name].update(best_params)
+                report["grid"][name] = {
+                    "best": best_params,
+                    "ndcg@10": round(best_value, 5),
+                    "tried": [{"params": p, "ndcg@10": round(v, 5)} for v, p in results],
+                }
+    if "hybrid" in names:
+        components = [n for n in names if n != "hybrid"]
+        stacked: dict[str, list[np.ndarray]] = {n: [] for n in components}
+        Xs, Ts = [], []
+        for X, T, ctx, users in folds:
+            fitted = fit_models(components, X, ctx, params)
+            for n, m in fitted.items():
+                stacked[n].append(m.score(users, X[users]))
+            Xs.append(X[users])
+            Ts.append(T[users])
+        scores = {n: np.vstack(v) for n, v in stacked.items()}
+        X_all, T_all = sp.vstack(Xs).tocsr(), sp.vstack(Ts).tocsr()
+        weights, value = tune_blend(scores, X_all, T_all, np.arange(X_all.shape[0]))
+        params["hybrid"] = {"weights": weights, "components": {n: params[n] for n in components}}
+        report["blend"] = {"weights": weights, "ndcg@10": round(value, 5)}
+    return params, report
+
+
+def make_hybrid(fitted: dict[str, Recommender], params: dict[str, Any]) -> Hybrid:
+    weights = params.get("weights") or Hybrid.defaults["weights"]
+    used = {n: m for n, m in fitted.items() if weights.get(n, 0.0) > 0}
+    if not used:
+        raise ValueError("the hybrid has no component with a positive weight")
+    return Hybrid.from_fitted(used, weights)
+
+
+def evaluate_split(
+    prepared: Prepared,
+    split: Split,
+    names: Sequence[str],
+    params: dict[str, dict[str, Any]],
+    config: TrainConfig,
+    embeddings: np.ndarray | None,
+    device: Device,
+) -> dict[str, Evaluation]:
+    from tqdm.auto import tqdm
+
+    enc = prepared.encoding
+    X, T = enc.matrix(split.train), enc.matrix(split.test, binary=True)
+    ctx = _context(prepared, split.train, embeddings, device, config.seed, False)
+    base = [n for n in names if n != "hybrid"]
+    with tqdm(total=len(base), desc=f"training on {split.name}", disable=not config.progress) as bar:
+        fitted = fit_models(base, X, ctx, params, bar)
+    if "hybrid" in names:
+        fitted["hybrid"] = make_hybrid(fitted, params.get("hybrid", {}))
+    users = _eval_users(T, config.max_eval_users, config.seed)
+    return {
+        name: evaluate(_scorer(model, X), X, T, config.ks, users=users)
+        for name, model in fitted.items()
+        if name in names
+    }
+
+
+def chart(evaluation: dict[str, Any], path: Path, k: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = evaluation["splits"]
+    metrics = ["precision", "recall", "ndcg", "map", "hit_rate", "coverage"]
+    fig, axes = plt.subplots(len(splits), 1, figsize=(11, 3.6 * len(splits)), squeeze=False)
+    for ax, (split_name, by_model) in zip(axes[:, 0], splits.items(), strict=True):
+        models = list(by_model)
+        width = 0.8 / max(len(models), 1)
+        x = np.arange(len(metrics))
+        for i, model in enumerate(models):
+            values = [by_model[model].get(f"{m}@{k}", 0.0) for m in metrics]
+            ax.bar(x + i * width, values, width, label=model)
+        ax.set_xticks(x + width * (len(models) - 1) / 2, [f"{m}@{k}" for m in metrics])
+        ax.set_title(
+            f"{split_name} ({evaluation['data']['users']} users, {evaluation['data']['items']} items)"
+        )
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncols=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_index(model: Recommender, kind: str, seed: int, device: Device) -> VectorIndex | None:
+    if not isinstance(model, VectorModel):
+        return None
+    queries = None
+    if model.user_factors is not None and len(model.user_factors):
+        rng = np.random.default_rng(seed)
+        take = rng.choice(len(model.user_factors), size=min(500, len(model.user_factors)), replace=False)
+        queries = model.query_matrix(np.asarray(model.user_factors[take], dtype=np.float32))
+    return VectorIndex.build(model.item_matrix(), kind=kind, tune_queries=queries, seed=seed, device=device)
+
+
+def train_and_save(
+    prepared: Prepared,
+    serve: str,
+    params: dict[str, dict[str, Any]],
+    embeddings: np.ndarray | None,
+    device: Device,
+    store: ModelStore,
+    metrics: dict[str, float],
+    extra: dict[str, Any],
+    config: TrainConfig,
+    files: dict[str, Path] | None = None,
+) -> str:
+    """Refit the serving model on all data, build its index and write a new model version."""
+    from tqdm.auto import tqdm
+
+    enc = prepared.encoding
+    X = enc.matrix(prepared.interactions)
+    ctx = _context(prepared, prepared.interactions, embeddings, device, config.seed, config.progress)
+    if serve == "hybrid":
+        weights = (params.get("hybrid") or {}).get("weights") or Hybrid.defaults["weights"]
+        params = {**params, "hybrid": {**params.get("hybrid", {}), "weights": weights}}
+        components = [n for n, w in weights.items() if w > 0 and (n != "content" or embeddings is not None)]
+    else:
+        components = [serve]
+    with tqdm(
+        total=len(components) + 2, desc="training the serving model", disable=not config.progress
+    ) as bar:
+        fitted = fit_models(components, X, ctx, params, bar)
+        model: Recommender = make_hybrid(fitted, params["hybrid"]) if serve == "hybrid" else fitted[serve]
+        popularity = fitted.get("popularity")
+        if not isinstance(popularity, Popularity):
+            popularity = Popularity(**params.get("popularity", {}))
+            popularity.fit(X, ctx)
+        bar.set_postfix_str("index")
+        index = build_index(model, config.index, config.seed, Device("cpu"))
+        bar.update(1)
+        manifest_params = {
+            "serving_model": serve,
+            "model_params": params.get(serve, {}),
+            "tuned_params": params,
+            "events_seq": prepared.events_seq,
+            "source": prepared.source,
+            "users": enc.n_users,
+            "items": enc.n_items,
+            "interactions": len(prepared.interactions),
+            "index": index.info.__dict__ if index is not None else None,
+            **extra,
+        }
+        with store.new_version(
+            metrics=metrics, data_fingerprint=prepared.fingerprint, params=manifest_params
+        ) as (path, manifest):
+            save_bundle(
+                path,
+                serve,
+                enc.user_ids,
+                prepared.items,
+                X,
+                model,
+                popularity,
+                content=embeddings,
+                index=index,
+                events_seq=prepared.events_seq,
+                meta={"trained_at": time.time()},
+            )
+            for name, src in (files or {}).items():
+                (path / name).write_bytes(src.read_bytes())
+        bar.update(1)
+    return manifest.version
+
+
+def run(
+    prepared: Prepared,
+    config: TrainConfig,
+    embeddings: np.ndarray | None,
+    device: Device,
+    store: ModelStore | None,
+    out_dir: Path | None,
+) -> TrainResult:
+    """Steps 3-5 on prepared data."""
+    names = available(config.models, embeddings, prepared.encoding.n_items)
+    if config.serve not in names:
+        raise ValueError(f"the serving model {config.serve!r} is not among the trained models {names}")
+    evaluation: dict[str, Any] = {
+        "data": {
+            "source": prepared.source,
+            "users": prepared.encoding.n_users,
+            "items": prepared.encoding.n_items,
+            "interactions": len(prepared.interactions),
+            "cleaning": prepared.report.to_dict(),
+            "fingerprint": prepared.fingerprint,
+        },
+        "protocol": {
+            "relevance": "binary: every held-out interaction",
+            "candidates": "every catalogue item not in the user's training interactions",
+            "tuning": "on a validation split carved from the training part of the random holdout",
+            "seed": config.seed,
+            "test_fraction": config.test_fraction,
+        },
+        "splits": {},
+    }
+    params = {n: dict(config.params.get(n, {})) for n in names}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    metrics: dict[str, float] = {}
+    if config.evaluate:
+        primary = random_holdout(prepared.interactions, config.test_fraction, config.seed)
+        params, tuning = tune(prepared, primary.train, names, config, embeddings, device)
+        evaluation["tuning"] = tuning
+        splits = []
+        if "random" in config.splits:
+            splits.append(primary)
+        if "temporal" in config.splits and prepared.interactions["timestamp"].notna().any():
+            splits.append(leave_last_out(prepared.interactions))
+        for split in splits:
+            results = evaluate_split(prepared, split, names, params, config, embeddings, device)
+            evaluation["splits"][split.name] = {
+                name: {k: round(v, 5) for k, v in r.mean.items()} for name, r in results.items()
+            }
+            per_user[split.name] = {
+                name: r.per_user["ndcg@10"] for name, r in results.items() if "ndcg@10" in r.per_user
+            }
+        if config.kfold:
+            folds: dict[str, list[dict[str, float]]] = {}
+            for split in kfold(prepared.interactions, config.kfold, config.seed):
+                for name, r in evaluate_split(
+                    prepared, split, names, params, config, embeddings, device
+                ).items():
+                    folds.setdefault(name, []).append(r.mean)
+            evaluation["kfold"] = {
+                name: {
+                    key: {
+                        "mean": round(float(np.mean([m[key] for m in ms])), 5),
+                        "std": round(float(np.std([m[key] for m in ms])), 5),
+                    }
+                    for key in ms[0]
+                }
+                for name, ms in folds.items()
+            }
+        first = next(iter(evaluation["splits"].values()), {})
+        metrics = {k: float(v) for k, v in first.get(config.serve, {}).items()}
+    evaluation["params"] = params
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=str) + "\n")
+        files["evaluation.json"] = out_dir / "evaluation.json"
+        if evaluation["splits"]:
+            chart(evaluation, out_dir / "evaluation.png")
+            files["evaluation.png"] = out_dir / "evaluation.png"
+    version = ""
+    if store is not None:
+        version = train_and_save(
+            prepared,
+            config.serve,
+            params,
+            embeddings,
+            device,
+            store,
+            metrics,
+            {"evaluation": {s: r.get(config.serve, {}) for s, r in evaluation["splits"].items()}},
+            config,
+            files,
+        )
+    return TrainResult(evaluation, params, version, per_user)
+
+
+def _parse_params(values: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``als.factors=128`` -> {"als": {"factors": 128}} (values parsed as JSON when they can be)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, _, raw = item.partition("=")
+        model, _, name = key.partition(".")
+        if not name or not raw:
+            raise SystemExit(f"--param wants model.name=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(model, {})[name] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--interactions", required=True, help="file, or 'ml-100k' (packaged MovieLens-100K)")
+    parser.add_argument("--items", help="items file with item_id and text (title, description, category)")
+    parser.add_argument("--events", help="the service's event store: its events are added, erasures applied")
+    parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated models to train")
+    parser.add_argument("--serve", default="hybrid", help="the model saved for serving")
+    parser.add_argument("--param", action="append", default=[], help="model.name=value (repeatable)")
+    parser.add_argument("--tune", choices=["none", "quick", "full"], default="quick")
+    parser.add_argument("--splits", default="random,temporal")
+    parser.add_argument("--kfold", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--min-user-interactions", type=int, default=5)
+    parser.add_argument("--ks", default="10,20")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto")
+    parser.add_argument("--no-eval", action="store_true", help="skip steps 3-4 (just train and save)")
+    parser.add_argument("--no-save", action="store_true", help="evaluate only, write no model version")
+    parser.add_argument("--no-content", action="store_true", help="do not embed item texts")
+    parser.add_argument("--max-eval-users", type=int, default=0)
+    parser.add_argument(
+        "--validation-folds", type=int, default=1, help="validation splits averaged in tuning"
+    )
+    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--out", type=Path, default=Path("var/recommender/eval"))
+    parser.add_argument("--embeddings-cache", type=Path, default=Path("data/recommender/embeddings.sqlite3"))
+    parser.add_argument("--device", default=os.environ.get("CBEC_DEVICE", "auto"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    device = select_device(args.device)
+    t0 = time.perf_counter()
+    prepared = prepare(args.interactions, args.items, args.events, args.min_user_interactions)
+    print(f"data: {prepared.report.to_dict()}")
+    embedder = None if args.no_content else Embedder(EmbeddingCache(args.embeddings_cache))
+    embeddings = embed_catalogue(prepared.items, embedder, progress=True)
+    config = TrainConfig(
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        serve=args.serve,
+        params=_parse_params(args.param),
+        tune=args.tune,
+        seed=args.seed,
+        ks=[int(k) for k in args.ks.split(",")],
+        test_fraction=args.test_fraction,
+        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        kfold=args.kfold,
+        index=args.index,
+        evaluate=not args.no_eval,
+        max_eval_users=args.max_eval_users,
+        validation_folds=args.validation_folds,
+    )
+    store = None if args.no_save else ModelStore(args.models_dir, "recommender")
+    result = run(prepared, config, embeddings, device, store, args.out)
+    for split_name, by_model in result.evaluation["splits"].items():
+        print(f"\n{split_name}")
+        for name, m in by_model.items():
+            print(
+                f"  {name:<11} ndcg@10={m.get('ndcg@10', 0):.4f} recall@10={m.get('recall@10', 0):.4f} "
+                f"coverage@10={m.get('coverage@10', 0):.3f}"
+            )
+    if result.version:
+        print(f"\nsaved model version {result.version} in {store.dir if store else ''}")
+    print(f"evaluation: {args.out / 'evaluation.json'} and evaluation.png; {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
