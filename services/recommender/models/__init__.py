@@ -22,6 +22,16 @@ def build(name: str, **params: object) -> Recommender:
 
 
 __all__ = [
-    "ALS", "BPR", "EASE", "MODELS", "BiasedMF", "ContentModel", "FitContext", "Hybrid", "Popularity",
-    "Recommender", "VectorModel", "build",
+    "ALS",
+    "BPR",
+    "EASE",
+    "MODELS",
+    "BiasedMF",
+    "ContentModel",
+    "FitContext",
+    "Hybrid",
+    "Popularity",
+    "Recommender",
+    "VectorModel",
+    "build",
 ]

@@ -49,7 +49,9 @@ class Recommender:
     def fit(self, X: sp.csr_matrix, ctx: FitContext) -> None:
         raise NotImplementedError
 
-    def score(self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None) -> np.ndarray:
+    def score(
+        self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         """Dense scores (rows x items). ``base``: the rows' training history, when ``history``
         may hold more (real-time events) -- vector models then apply only the difference."""
         raise NotImplementedError
@@ -88,7 +90,8 @@ class Recommender:
         model = model_cls(**meta["params"])
         model.n_items = int(meta["n_items"])
         arrays = {
-            p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in path.glob("*.npy")
+            p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+            for p in path.glob("*.npy")
         }
         model.set_arrays(arrays)
         model._load_extra(path, mmap)
@@ -173,7 +176,9 @@ class VectorModel(Recommender):
             out[fold] = self.fold_in(history[np.flatnonzero(fold)])
         return out
 
-    def score(self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None) -> np.ndarray:
+    def score(
+        self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         U = self.user_vectors(users, history, base)
         scores = U @ np.asarray(self.item_factors, dtype=np.float32).T
         if self.item_bias is not None:

@@ -47,7 +47,9 @@ class EASE(Recommender):
             h.data[:] = 1.0
         return h
 
-    def score(self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None) -> np.ndarray:
+    def score(
+        self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         return np.asarray(self._input(history) @ self.B)
 
     def explain(self, history: sp.csr_matrix, item: int, n: int = 5) -> list[tuple[int, float]]:

@@ -74,7 +74,9 @@ class Hybrid(Recommender):
             raise ValueError("every hybrid weight is zero")
         return total.astype(np.float32)
 
-    def score(self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None) -> np.ndarray:
+    def score(
+        self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         return self.blend(self.component_scores(users, history, base), self.weights)
 
     def explain(self, history: sp.csr_matrix, item: int, n: int = 5) -> list[tuple[int, float]]:

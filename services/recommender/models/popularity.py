@@ -61,7 +61,9 @@ class Popularity(Recommender):
                     continue
                 local = self._normalise(np.bincount(items[mask], weights=w[mask], minlength=n_items))
                 share = min(1.0, n / float(self.params["min_market_events"]))
-                self.market_pop[str(market)] = (share * local + (1 - share) * self.global_pop).astype(np.float32)
+                self.market_pop[str(market)] = (share * local + (1 - share) * self.global_pop).astype(
+                    np.float32
+                )
 
     @staticmethod
     def _normalise(counts: np.ndarray) -> np.ndarray:
@@ -72,7 +74,9 @@ class Popularity(Recommender):
     def for_market(self, market: str) -> np.ndarray:
         return self.market_pop.get(market, self.global_pop)
 
-    def score(self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None) -> np.ndarray:
+    def score(
+        self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         return np.repeat(self.global_pop[None, :], history.shape[0], axis=0)
 
     def arrays(self) -> dict[str, np.ndarray]:
