@@ -585,7 +585,7 @@ def _serving_chart(serving_results: dict[str, Any], path: Path) -> None:
     exact = [serving_results[s]["exact_ms_per_query"] for s in labels]
     ann = [serving_results[s]["ann_ms_per_query"] for s in labels]
     axes[1].bar(x - 0.2, exact, 0.4, label="exact (flat IP)")
-    axes[1].bar(x + 0.2, ann, 0.4, label="IVF (tuned nprobe)")
+    axes[1].bar(x + 0.2, ann, 0.4, label="index: exact norm head + IVF tail")
     for i, s in enumerate(labels):
         recall = serving_results[s]["ann_recall_at_10"]
         axes[1].annotate(f"recall {recall:.3f}", (x[i] + 0.2, ann[i]), fontsize=7, ha="center", va="bottom")
