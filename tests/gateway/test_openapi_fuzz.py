@@ -30,7 +30,6 @@ CHECKS = ",".join(
 )
 
 
-@pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is not installed")
 @pytest.mark.timeout(240)
 async def test_schemathesis_finds_no_server_error(gw: Any, tmp_path: Path) -> None:
     examples = os.environ.get("CBEC_FUZZ_EXAMPLES", "8")
