@@ -25,6 +25,7 @@ from services.chat.server import ChatService
 from services.chat.store import ChatStore
 from services.chat.train import build_intent_model, write_version
 from services.runtime.server import Server
+from tests.support import local_settings
 
 ARTICLES = ("shipping-times", "returns-refunds", "order-tracking")
 LANGUAGES = ("en", "es", "ja")
@@ -75,19 +76,12 @@ def data_dir(tmp_path: Path, prepared: Prepared) -> Path:
 
 
 def chat_settings(prepared: Prepared, data_dir: Path, **overrides: Any) -> ChatSettings:
-    base: dict[str, Any] = dict(
-        host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        metrics_enabled=False,
-        models_dir=prepared.models_dir,
+    fields: dict[str, Any] = dict(
         data_dir=data_dir,
-        device="cpu",
         llm_backend="none",
         sentiment_addr="127.0.0.1:9",  # nothing listens there: the local heuristic is used
     )
-    base.update(overrides)
-    return ChatSettings(**base)
+    return local_settings(ChatSettings, prepared.models_dir, **{**fields, **overrides})
 
 
 @asynccontextmanager

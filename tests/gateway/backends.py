@@ -39,6 +39,7 @@ from services.runtime.config import RuntimeSettings
 from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation
 from services.runtime.model_store import Manifest, ModelSlot, ModelStore
 from services.runtime.server import Runtime, Server
+from tests.support import local_settings
 
 NAMES = ("recommender", "chat", "sentiment", "vision", "risk")
 CATALOGUE = [f"sku-{i:03d}" for i in range(1, 41)]
@@ -602,17 +603,8 @@ class TestBackend:
 
 
 def backend_settings(name: str, models_dir: Path, port: int = 0, **overrides: Any) -> RuntimeSettings:
-    values: dict[str, Any] = dict(
-        service=name,
-        host="127.0.0.1",
-        grpc_port=port,
-        metrics_enabled=False,
-        models_dir=models_dir,
-        device="cpu",
-        grace_period_s=1.0,
-    )
-    values.update(overrides)
-    return RuntimeSettings(**values)
+    fields: dict[str, Any] = dict(service=name, grpc_port=port, grace_period_s=1.0)
+    return local_settings(RuntimeSettings, models_dir, **{**fields, **overrides})
 
 
 def make_server(name: str, models_dir: Path, recorder: Recorder, port: int = 0, **overrides: Any) -> Server:

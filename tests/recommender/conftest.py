@@ -20,6 +20,7 @@ from services.recommender.train import Prepared, TrainConfig, embed_catalogue, p
 from services.runtime.device import Device
 from services.runtime.model_store import ModelStore
 from services.runtime.server import Server
+from tests.support import local_settings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -63,19 +64,10 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Shop:
 
 
 def settings_for(models_dir: Path, tmp: Path, cache: Path, **overrides: Any) -> RecommenderSettings:
-    base: dict[str, Any] = dict(
-        service="recommender",
-        host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        metrics_enabled=False,
-        models_dir=models_dir,
-        device="cpu",
-        events_path=tmp / "events.sqlite3",
-        embeddings_cache=cache,
+    fields: dict[str, Any] = dict(
+        service="recommender", events_path=tmp / "events.sqlite3", embeddings_cache=cache
     )
-    base.update(overrides)
-    return RecommenderSettings(**base)
+    return local_settings(RecommenderSettings, models_dir, **{**fields, **overrides})
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from services.sentiment.data import load_reviews
 from services.sentiment.embed import EmbeddingCache, Encoder, embed_cached
 from services.sentiment.server import SentimentService
 from services.sentiment.train import Embedded, HeadParams, train
+from tests.support import local_settings
 
 PER_CLASS = {"train": 30, "val": 8, "test": 10}
 TINY_MULTILINGUAL = [
@@ -92,19 +93,8 @@ def trained(
 
 
 def settings_for(models_dir: Path, db_path: Path, **overrides: Any) -> SentimentSettings:
-    base: dict[str, Any] = dict(
-        service="sentiment",
-        host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        metrics_enabled=False,
-        models_dir=models_dir,
-        device="cpu",
-        sentiment_db_path=db_path,
-        batch_max_delay_ms=2,
-    )
-    base.update(overrides)
-    return SentimentSettings(**base)
+    fields: dict[str, Any] = dict(service="sentiment", sentiment_db_path=db_path, batch_max_delay_ms=2)
+    return local_settings(SentimentSettings, models_dir, **{**fields, **overrides})
 
 
 @pytest.fixture

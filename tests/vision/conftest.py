@@ -17,6 +17,7 @@ from services.vision import features, model, train
 from services.vision.config import VisionSettings
 from services.vision.images import ImageLimits, decode
 from services.vision.server import VisionService
+from tests.support import local_settings
 from tests.vision import imagegen
 
 IMAGE_SIZE = 32  # the real CNN at 32 px: a few ms per image, enough to tell shapes and colours apart
@@ -88,14 +89,8 @@ def models_dir(tmp_path: Path, projector: model.DuplicateProjector, threshold: f
 
 
 def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> VisionSettings:
-    base: dict[str, Any] = dict(
+    fields: dict[str, Any] = dict(
         service="vision",
-        host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        metrics_enabled=False,
-        models_dir=models_dir,
-        device="cpu",
         vision_index_dir=tmp_path / "index",
         vision_data_dir=tmp_path / "data",
         vision_max_image_bytes=200_000,
@@ -103,8 +98,7 @@ def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> VisionS
         vision_decode_threads=1,
         batch_max_delay_ms=2.0,
     )
-    base.update(overrides)
-    return VisionSettings(**base)
+    return local_settings(VisionSettings, models_dir, **{**fields, **overrides})
 
 
 @pytest.fixture
