@@ -112,22 +112,7 @@ def evaluate(name: str, config: TrainConfig | None = None, folder: Path | None =
     train, rest = train_test_split(idx, test_size=0.4, stratify=y, random_state=config.seed)
     val, test = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=config.seed)
 
-    params = {
-        "objective": "binary",
-        "learning_rate": config.learning_rate,
-        "num_leaves": config.num_leaves,
-        "max_depth": config.max_depth,
-        "min_child_samples": config.min_child_samples,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.9,
-        "bagging_freq": 1,
-        "lambda_l2": 1.0,
-        "metric": ["binary_logloss", "auc"],
-        "seed": config.seed,
-        "deterministic": True,
-        "num_threads": config.threads,
-        "verbosity": -1,
-    }
+    params = config.lightgbm_params()
     train_set = lgb.Dataset(x.iloc[train], y[train], categorical_feature=categorical, free_raw_data=False)
     val_set = lgb.Dataset(x.iloc[val], y[val], reference=train_set)
     booster = lgb.train(

@@ -191,6 +191,27 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
 
+    def lightgbm_params(self) -> dict[str, Any]:
+        """LightGBM parameters, shared by the transaction model and the credit-set runs."""
+        return {
+            "objective": "binary",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "max_depth": self.max_depth,
+            "min_child_samples": self.min_child_samples,
+            "feature_fraction": 0.9,
+            "bagging_fraction": 0.9,
+            "bagging_freq": 1,
+            "lambda_l2": 1.0,
+            # Early stopping on log loss, not AUC: the service returns probabilities, so they must be
+            # calibrated; AUC alone stopped after one tree on the demo data (its ranking saturates).
+            "metric": ["binary_logloss", "auc"],
+            "seed": self.seed,
+            "deterministic": True,
+            "num_threads": self.threads,
+            "verbosity": -1,
+        }
+
 
 @dataclass
 class TrainResult:
@@ -227,24 +248,7 @@ def fit(dataset: Dataset, rates: RatesTable, config: TrainConfig) -> TrainResult
     for part, name in ((split.train, "training"), (split.val, "validation"), (split.test, "test")):
         if len(np.unique(y[part])) < 2:
             raise ValueError(f"the {name} period has only one class; more data or other split fractions")
-    params = {
-        "objective": "binary",
-        "learning_rate": config.learning_rate,
-        "num_leaves": config.num_leaves,
-        "max_depth": config.max_depth,
-        "min_child_samples": config.min_child_samples,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.9,
-        "bagging_freq": 1,
-        "lambda_l2": 1.0,
-        # Early stopping on log loss, not AUC: the service returns probabilities, so they must be
-        # calibrated; AUC alone stopped after one tree on the demo data (its ranking saturates at once).
-        "metric": ["binary_logloss", "auc"],
-        "seed": config.seed,
-        "deterministic": True,
-        "num_threads": config.threads,
-        "verbosity": -1,
-    }
+    params = config.lightgbm_params()
     train_set = lgb.Dataset(
         x[split.train], y[split.train], feature_name=list(FEATURE_NAMES), free_raw_data=False
     )
