@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from services.runtime.device import Device
 
 from .index import VectorIndex
-from .models import Popularity, Recommender, VectorModel
+from .models import EASE, Popularity, Recommender, VectorModel
 from .models.hybrid import Hybrid
 
 ALL_MARKETS = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -122,8 +122,8 @@ class Bundle:
         model = self.model
         candidates = list(model.components.values()) if isinstance(model, Hybrid) else [model]
         for m in candidates:
-            if m.name == "ease":
-                return m.B  # type: ignore[attr-defined,no-any-return]
+            if isinstance(m, EASE):  # EASE and its variants (session_ease) keep an item x item B
+                return m.B
         return None
 
 

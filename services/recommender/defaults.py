@@ -60,7 +60,7 @@ def main() -> None:
     embedder = Embedder(EmbeddingCache(args.data_dir / "embeddings.sqlite3"))
     embeddings = embed_catalogue(prepared.items, embedder, progress=True)
     config = TrainConfig(
-        models=("popularity", "als", "ease", "content", "hybrid"),
+        models=("popularity", "als", "session_ease", "content", "hybrid"),
         serve="hybrid",
         tune="none",
         splits=("random",),

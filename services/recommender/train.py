@@ -47,7 +47,7 @@ from .models import FitContext, Hybrid, Popularity, Recommender, VectorModel, bu
 from .split import Split, kfold, leave_last_out, random_holdout
 
 log = logging.getLogger("cbec.recommender.train")
-BASE_MODELS = ("popularity", "als", "bpr", "ease", "torch_mf", "content")
+BASE_MODELS = ("popularity", "als", "bpr", "ease", "session_ease", "torch_mf", "content")
 ALL_MODELS = (*BASE_MODELS, "hybrid")
 
 # Search spaces for tuning on the validation split ("quick" tunes EASE, ALS and the blend).
@@ -56,8 +56,16 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "als": [{"regularization": r, "alpha": a} for r in (5.0, 10.0, 20.0, 40.0) for a in (1.0, 2.0, 4.0)],
     "bpr": [{"learning_rate": lr, "regularization": r} for lr in (0.005, 0.01) for r in (0.02, 0.05, 0.1)],
     "torch_mf": [{"weight_decay": wd} for wd in (3e-5, 1e-4, 3e-4)],
+    # EASE's l2 with dropout (DLAE for p > 0, EASE for p = 0), session co-occurrence on or off
+    # and the popularity discount: whichever parts help on this data are kept.
+    "session_ease": [
+        {"l2": l2, "dropout": p, "session_weight": sw, "pop_exponent": g}
+        for l2, p in ((750.0, 0.0), (400.0, 0.5), (200.0, 0.5), (200.0, 0.67), (100.0, 0.75))
+        for sw in (0.0, 1.0)
+        for g in (0.0, 0.1)
+    ],
 }
-QUICK = ("ease", "als")
+QUICK = ("ease", "als", "session_ease")
 BLEND_STEPS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -231,8 +239,8 @@ def available(models: Sequence[str], embeddings: np.ndarray | None, n_items: int
         if name == "content" and embeddings is None:
             log.warning("no item text: skipping the content model")
             continue
-        if name == "ease" and n_items > 20000:
-            log.warning("EASE needs a dense %d x %d matrix: skipping it", n_items, n_items)
+        if name in ("ease", "session_ease") and n_items > 20000:
+            log.warning("%s needs a dense %d x %d matrix: skipping it", name, n_items, n_items)
             continue
         out.append(name)
     return out
@@ -381,6 +389,15 @@ def tune(
         weights, value = tune_blend(scores, X_all, T_all, np.arange(X_all.shape[0]))
         params["hybrid"] = {"weights": weights, "components": {n: params[n] for n in components}}
         report["blend"] = {"weights": weights, "ndcg@10": round(value, 5)}
+        rows = np.arange(X_all.shape[0])
+        for n in components:
+            if n not in report["grid"]:
+                s = scores[n]
+                single = evaluate(lambda r, s=s: s[r], X_all, T_all, (10,), users=rows).mean["ndcg@10"]
+                report.setdefault("validation_ndcg@10", {})[n] = round(single, 5)
+        report.setdefault("validation_ndcg@10", {})["hybrid"] = round(value, 5)
+    for n, entry in report["grid"].items():
+        report.setdefault("validation_ndcg@10", {})[n] = entry["ndcg@10"]
     return params, report
 
 

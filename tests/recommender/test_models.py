@@ -49,6 +49,7 @@ MODELS = [
     ("als", {"factors": 4, "regularization": 1.0, "iterations": 10}),
     ("bpr", {"factors": 8, "learning_rate": 0.05, "iterations": 200}),
     ("ease", {"l2": 5.0}),
+    ("session_ease", {"l2": 5.0}),
     ("torch_mf", {"factors": 8, "epochs": 60, "lr": 0.05}),
     ("torch_mf", {"factors": 4, "epochs": 100, "lr": 0.05, "loss": "mse", "weight_decay": 1e-3}),
     ("torch_mf", {"factors": 8, "epochs": 60, "lr": 0.05, "full_softmax_max_items": 10, "negatives": 16}),

@@ -23,7 +23,7 @@ def test_cli_cleans_splits_tunes_evaluates_charts_and_saves_a_version(
         [
             "--interactions", str(shop.interactions_path),
             "--items", str(shop.items_path),
-            "--models", "popularity,als,ease,torch_mf,content,hybrid",
+            "--models", "popularity,als,ease,session_ease,torch_mf,content,hybrid",
             "--param", "als.factors=8", "--param", "torch_mf.epochs=3", "--param", "torch_mf.factors=8",
             "--min-user-interactions", "3",
             "--models-dir", str(models),
@@ -35,10 +35,12 @@ def test_cli_cleans_splits_tunes_evaluates_charts_and_saves_a_version(
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert set(evaluation["splits"]) == {"random_holdout_0.2", "leave_last_out"}
     for by_model in evaluation["splits"].values():
-        assert set(by_model) == {"popularity", "als", "ease", "torch_mf", "content", "hybrid"}
+        assert set(by_model) == {"popularity", "als", "ease", "session_ease", "torch_mf", "content", "hybrid"}
         for m in by_model.values():
             assert {"precision@10", "recall@10", "ndcg@10", "map@10", "hit_rate@10", "coverage@10"} <= set(m)
     assert evaluation["tuning"]["grid"]["ease"]["best"] and "weights" in evaluation["tuning"]["blend"]
+    # every model's validation NDCG@10, from which a benchmark picks "ours" without the test split
+    assert set(evaluation["tuning"]["validation_ndcg@10"]) == set(by_model)
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 10_000
     entry = ModelStore(models, "recommender").newest_valid()
     assert entry is not None and entry.manifest is not None

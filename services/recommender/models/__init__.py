@@ -8,10 +8,11 @@ from .ease import EASE
 from .factor import ALS, BPR
 from .hybrid import Hybrid
 from .popularity import Popularity
+from .session_ease import SessionEASE
 from .torch_mf import BiasedMF
 
 MODELS: dict[str, type[Recommender]] = {
-    m.name: m for m in (ALS, BPR, EASE, BiasedMF, ContentModel, Popularity, Hybrid)
+    m.name: m for m in (ALS, BPR, EASE, SessionEASE, BiasedMF, ContentModel, Popularity, Hybrid)
 }
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "Hybrid",
     "Popularity",
     "Recommender",
+    "SessionEASE",
     "VectorModel",
     "build",
 ]
