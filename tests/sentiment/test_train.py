@@ -11,7 +11,7 @@ import pytest
 
 from services.runtime.model_store import ModelStore
 from services.sentiment.data import load_reviews, priority_order, split_by_product, stars_to_label
-from services.sentiment.embed import Encoder
+from services.sentiment.encoder import Encoder
 from services.sentiment.model import Calibration, load_version, star_logits_to_scores
 from services.sentiment.train import Embedded, classification_metrics, fit_calibration
 
