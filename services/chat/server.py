@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 import numpy as np
 from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
-from cbec.common.v1 import common_pb2
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Histogram
 
@@ -34,6 +33,7 @@ from services.runtime.errors import (
     ServiceError,
     Violation,
     raise_if,
+    rejection,
 )
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
@@ -390,9 +390,7 @@ class ChatService:
             if (a.article_id, a.language) in seen:
                 violations.append(Violation("article_id", "duplicate (article_id, language) in this request"))
             if violations:
-                rejected.append(
-                    common_pb2.ItemRejection(index=i, violations=[v.to_proto() for v in violations])
-                )
+                rejected.append(rejection(i, violations))
                 continue
             seen.add((a.article_id, a.language))
             accepted.append(

@@ -21,10 +21,9 @@ import grpc
 from cbec.common.v1 import common_pb2
 from cbec.recommender.v1 import recommender_pb2 as pb
 from cbec.recommender.v1 import recommender_pb2_grpc
-from google.rpc import error_details_pb2
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation, raise_if
+from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation, raise_if, rejection
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
 
@@ -165,15 +164,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             problems = self._check_interaction(it, engine, now)
             if problems:
                 rejected.append(
-                    common_pb2.ItemRejection(
-                        index=i,
-                        violations=[
-                            error_details_pb2.BadRequest.FieldViolation(
-                                field=f"interactions[{i}].{name}", description=text
-                            )
-                            for name, text in problems
-                        ],
-                    )
+                    rejection(i, [Violation(f"interactions[{i}].{name}", text) for name, text in problems])
                 )
                 continue
             occurred = (
@@ -232,17 +223,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         for i, item in enumerate(request.items):
             problems = self._check_item(item)
             if problems:
-                rejected.append(
-                    common_pb2.ItemRejection(
-                        index=i,
-                        violations=[
-                            error_details_pb2.BadRequest.FieldViolation(
-                                field=f"items[{i}].{f}", description=d
-                            )
-                            for f, d in problems
-                        ],
-                    )
-                )
+                rejected.append(rejection(i, [Violation(f"items[{i}].{f}", d) for f, d in problems]))
             else:
                 good.append(item)
         if good:

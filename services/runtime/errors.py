@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from cbec.common.v1 import common_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -27,6 +28,11 @@ class Violation:
 
     def to_proto(self) -> error_details_pb2.BadRequest.FieldViolation:
         return error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+
+
+def rejection(index: int, violations: Iterable[Violation]) -> common_pb2.ItemRejection:
+    """One rejected item of a batch call (the others in the call are kept), with its reasons."""
+    return common_pb2.ItemRejection(index=index, violations=[v.to_proto() for v in violations])
 
 
 @dataclass

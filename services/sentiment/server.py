@@ -26,7 +26,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, ServiceError, Violation, raise_if
+from services.runtime.errors import InvalidArgument, ServiceError, Violation, raise_if, rejection
 from services.runtime.model_store import Loaded, Manifest
 from services.runtime.server import Runtime
 
@@ -354,7 +354,7 @@ class SentimentService:
             if review_id and review_id in seen:
                 violations.append(Violation("review_id", f"repeats reviews[{seen[review_id]}] in this call"))
             if violations:
-                rejected.append(pb_rejection(i, violations))
+                rejected.append(rejection(i, violations))
                 continue
             seen[review_id] = i
             accepted.append((review, market, review_id, created))
@@ -512,12 +512,6 @@ class SentimentService:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.store.close)
-
-
-def pb_rejection(index: int, violations: list[Violation]) -> Any:
-    from cbec.common.v1 import common_pb2
-
-    return common_pb2.ItemRejection(index=index, violations=[v.to_proto() for v in violations])
 
 
 def _distribution(c: Any) -> pb.SentimentDistribution:

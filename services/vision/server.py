@@ -28,7 +28,14 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Gauge
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, ResourceExhausted, ServiceError, Violation, raise_if
+from services.runtime.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Violation,
+    raise_if,
+    rejection,
+)
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
 
@@ -276,7 +283,7 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
                 self.m_rejected.labels("too_large" if exc.too_large else "invalid").inc()
                 violations.append(Violation("image", exc.reason))
         if violations:
-            return common_pb2.ItemRejection(index=position, violations=[v.to_proto() for v in violations])
+            return rejection(position, violations)
         job = _Job(embedder, prepared.pixels)
         done = await self.batcher.submit(job, time_remaining=context.time_remaining())
         product = NewProduct(
