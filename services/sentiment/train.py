@@ -36,7 +36,7 @@ from services.runtime.model_store import ModelStore, fingerprint
 
 from .data import LABELS, MULTILINGUAL_FILE, data_path, load_multilingual, load_reviews, priority_order
 from .embed import EmbeddingCache, embed_cached
-from .encoder import DEFAULT_INT8, Encoder
+from .encoder import DEFAULT_INT8, POOL_LAYERS, Encoder
 from .finetune import FinetuneParams
 from .model import (
     DEFAULT_CLASS_STARS,
@@ -640,6 +640,12 @@ def main() -> None:
     )
     parser.add_argument("--finetune-epochs", type=int, default=FinetuneParams.epochs)
     parser.add_argument(
+        "--pool-layers",
+        type=int,
+        default=POOL_LAYERS,
+        help="top encoder layers averaged into the frozen head's sentence vector (1: e5's last layer)",
+    )
+    parser.add_argument(
         "--int8", action=argparse.BooleanOptionalAction, default=DEFAULT_INT8, help="int8 encoder (CPU)"
     )
     args = parser.parse_args()
@@ -650,7 +656,7 @@ def main() -> None:
         version = import_hf_directory(ModelStore(args.models_dir, SERVICE), args.import_hf)
         print(f"imported {args.import_hf} as {SERVICE} version {version}")
         return
-    encoder = Encoder(quantize=args.int8)
+    encoder = Encoder(quantize=args.int8, pool_layers=args.pool_layers)
     if args.finetune_layers:
         params = FinetuneParams(layers=args.finetune_layers, epochs=args.finetune_epochs)
         version, ev = train_finetuned(args.models_dir, args.sample, params, encoder)

