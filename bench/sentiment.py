@@ -15,7 +15,8 @@ over a million stored reviews, measured side by side in one run.
 2. Serving: texts/s through gRPC at concurrency 32, one text per call, with the micro-batcher (max
    batch 32) and without it (max batch 1); the server runs in its own process. ``raw_texts_per_s`` is
    the model (encoder + head) in-process on batches of 32, with no server; the same for the other
-   arithmetic is ``quantization.*_raw_texts_per_s``.
+   arithmetic is ``quantization.*_raw_texts_per_s``. ``raw_single_texts_per_s`` is the model in-process
+   one text at a time: raw / raw_single is the most batching can gain on this machine's cores.
 3. ``market_report_ms_1m``: GetMarketReport p99 through gRPC over a store holding one million reviews.
    Those reviews are SYNTHETIC and inserted pre-scored, straight into the store's ``add`` (the same
    code that ingestion uses, minus the model): real review texts drawn at random, their label from
@@ -339,14 +340,15 @@ async def serve_load(port: int, texts: list[str], concurrency: int, seconds: flo
         return await closed_loop(call, concurrency, seconds, warmup_s=6)
 
 
-def raw_throughput(model: Any, texts: list[str], seconds: float) -> float:
-    """Encoder + head in-process on batches of 32, no server: the ceiling on this machine."""
+def raw_throughput(model: Any, texts: list[str], seconds: float, batch_size: int = 32) -> float:
+    """Encoder + head in-process, no server, on batches of ``batch_size``: with 32, the ceiling on this
+    machine; with 1, what batching has to beat (their ratio bounds serve/unbatched from above)."""
     done, started, i = 0, time.monotonic(), 0
     while time.monotonic() - started < seconds:
-        batch = texts[i : i + 32] or texts[:32]
+        batch = texts[i : i + batch_size] or texts[:batch_size]
         model.score([model.prepare(t).text for t in batch])
         done += len(batch)
-        i = (i + 32) % max(len(texts) - 32, 1)
+        i = (i + batch_size) % max(len(texts) - batch_size, 1)
     return done / (time.monotonic() - started)
 
 
@@ -380,6 +382,7 @@ async def measure_serving(
         for size in (32, 1)
     }
     raw: list[float] = []
+    raw_single: list[float] = []
     raw_other: list[float] = []
     batched: list[LoadResult] = []
     unbatched: list[LoadResult] = []
@@ -389,10 +392,12 @@ async def measure_serving(
         for r in range(rounds):
             raw.append(raw_throughput(model, texts, seconds * 0.7))
             raw_other.append(raw_throughput(other_model, texts, seconds * 0.35))
+            raw_single.append(raw_throughput(model, texts, seconds * 0.35, batch_size=1))
             batched.append(await serve_load(servers[32][1], texts, 32, seconds))
             unbatched.append(await serve_load(servers[1][1], texts, 32, seconds))
             log(
-                f"round {r + 1}: raw {raw[-1]:.2f} (other arithmetic {raw_other[-1]:.2f}), batched "
+                f"round {r + 1}: raw {raw[-1]:.2f} (one text at a time {raw_single[-1]:.2f}, other "
+                f"arithmetic {raw_other[-1]:.2f}), batched "
                 f"{batched[-1].per_second:.2f}, unbatched {unbatched[-1].per_second:.2f} texts/s"
             )
     finally:
@@ -415,8 +420,10 @@ async def measure_serving(
         "serve_unbatched_calls": sum(x.calls for x in unbatched),
         "serve_unbatched_errors": sum(x.errors for x in unbatched),
         "raw_other_arithmetic_texts_per_s": round(float(np.median(raw_other)), 2),
+        "raw_single_texts_per_s": round(float(np.median(raw_single)), 2),
         "rounds": {
             "raw": [round(x, 2) for x in raw],
+            "raw_single": [round(x, 2) for x in raw_single],
             "raw_other_arithmetic": [round(x, 2) for x in raw_other],
             "batched": [round(x.per_second, 2) for x in batched],
             "unbatched": [round(x.per_second, 2) for x in unbatched],
@@ -427,6 +434,11 @@ async def measure_serving(
     out["serve_over_raw"] = round(out["serve_texts_per_s"] / out["raw_texts_per_s"], 3)
     out["serve_over_unbatched"] = round(
         out["serve_texts_per_s"] / max(out["serve_unbatched_texts_per_s"], 1e-9), 3
+    )
+    # batching can at best turn one-at-a-time compute into batch-of-32 compute: this is the most
+    # serve/unbatched can reach on this machine, whatever the server does
+    out["batching_ceiling_raw_over_raw_single"] = round(
+        out["raw_texts_per_s"] / max(out["raw_single_texts_per_s"], 1e-9), 3
     )
     out["goals"] = {"serve_over_raw": 0.8, "serve_over_unbatched": 3}
     return out
@@ -654,6 +666,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "serve_texts_per_s": serving["serve_texts_per_s"],
             "serve_unbatched_texts_per_s": serving["serve_unbatched_texts_per_s"],
             "raw_texts_per_s": serving["raw_texts_per_s"],
+            "raw_single_texts_per_s": serving["raw_single_texts_per_s"],
+            "serve_over_raw": serving["serve_over_raw"],
+            "serve_over_unbatched": serving["serve_over_unbatched"],
+            "batching_ceiling_raw_over_raw_single": serving["batching_ceiling_raw_over_raw_single"],
             "market_report_ms_1m": report["market_report_ms_1m"],
             "fp32_macro_f1": quantization["fp32_macro_f1"],
             "int8_macro_f1": quantization["int8_macro_f1"],
