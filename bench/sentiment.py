@@ -10,13 +10,15 @@ over a million stored reviews, measured side by side in one run.
    and the served model (see ``quality()`` for why). In the same run: VADER (English lexicon, standard +-0.05
    compound thresholds) on the same test reviews, and plain logistic regression on the same
    embeddings of the same training reviews; accuracy on the hand-written multilingual set; and the
-   served model on the encoder's other arithmetic (fp32 vs dynamic int8) over the first
-   ``--precision-test-reviews`` test reviews. The trained versions are written to ``--models-dir``.
+   trained head on both encoder arithmetics (it learns from fp32 vectors and is served on
+   ``--serve-int8``, the server's default) over ``--precision-test-reviews`` test reviews (default
+   all). The trained versions are written to ``--models-dir``.
 2. Serving: texts/s through gRPC at concurrency 32, one text per call, with the micro-batcher (max
    batch 32) and without it (max batch 1); the server runs in its own process. ``raw_texts_per_s`` is
-   the model (encoder + head) in-process on batches of 32, with no server; the same for the other
-   arithmetic is ``quantization.*_raw_texts_per_s``. ``raw_single_texts_per_s`` is the model in-process
-   one text at a time: raw / raw_single is the most batching can gain on this machine's cores.
+   the served model (encoder + head, served arithmetic) in-process on batches of 32, with no server;
+   both arithmetics' figures are ``quantization.*_raw_texts_per_s``. ``raw_single_texts_per_s`` is the
+   served model in-process one text at a time: raw / raw_single is the most batching can gain on
+   this machine's cores.
 3. ``market_report_ms_1m``: GetMarketReport p99 through gRPC over a store holding one million reviews.
    Those reviews are SYNTHETIC and inserted pre-scored, straight into the store's ``add`` (the same
    code that ingestion uses, minus the model): real review texts drawn at random, their label from
@@ -92,7 +94,6 @@ def quality(
     models_dir: Path,
     sample: int | None,
     budget_s: float,
-    int8: bool,
     finetune_layers: int = 0,
     finetune_epochs: int = 1,
 ) -> tuple[dict[str, Any], Context]:
@@ -112,7 +113,7 @@ def quality(
         train_finetuned,
     )
 
-    encoder = Encoder(quantize=int8)
+    encoder = Encoder(quantize=False)  # heads learn from the exact vectors; serving may use int8
     cache = EmbeddingCache.in_dir(default_cache_dir(models_dir), encoder.name)
     started = time.monotonic()
     states = None
@@ -227,10 +228,10 @@ class Context:
     cache: Any
 
 
-def compare_precisions(ctx: Context, n: int, cache_dir: Path) -> tuple[dict[str, Any], Any]:
-    """The same head on the encoder's other arithmetic (fp32 vs int8) over the first ``n`` test
-    reviews: macro-F1 of each, and how close the vectors are. Returns the figures and the other
-    encoder (the serving step measures its raw throughput)."""
+def compare_precisions(ctx: Context, n: int | None, cache_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The trained model on the encoder's int8 arithmetic as well as the fp32 it learnt from, over the
+    first ``n`` test reviews (all when None): macro-F1 of each, and how close the vectors are.
+    Returns the figures and the int8 encoder (the serving step measures its raw throughput)."""
     from services.runtime.model_store import Manifest
     from services.sentiment.embed import EmbeddingCache, embed_cached
     from services.sentiment.encoder import Encoder
@@ -257,7 +258,6 @@ def compare_precisions(ctx: Context, n: int, cache_dir: Path) -> tuple[dict[str,
         "int8" if other.quantize else "fp32": theirs,
     }
     out = {
-        "default": "int8" if ctx.encoder.quantize else "fp32",
         "test_reviews": len(y),
         "trained_on": ctx.encoder.name,
         "model_kind": manifest.params.get("kind", "head"),
@@ -269,8 +269,8 @@ def compare_precisions(ctx: Context, n: int, cache_dir: Path) -> tuple[dict[str,
         "vector_cosine_min": round(float(cos.min()), 4),
         "note": (
             "int8: dynamic per-channel int8 linear layers (torch, CPU); both scored by the one trained "
-            "model (head or fine-tuned top layers), trained on the default arithmetic's vectors; "
-            "vector cosines are of the frozen encoder's vectors"
+            "model (head or fine-tuned top layers), trained on fp32 vectors; vector cosines are of "
+            "the frozen encoder's vectors"
         ),
     }
     return out, other
@@ -616,20 +616,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.models_dir,
             args.sample,
             args.embed_budget_s,
-            args.int8,
             args.finetune_layers,
             args.finetune_epochs,
         )
         results["quality"] = q
         log(f"macro-F1 {q['macro_f1']} (LR {q['lr_macro_f1']}, VADER {q['baseline_macro_f1']})")
-        quantization, other = compare_precisions(ctx, args.precision_test_reviews, ctx.cache.path.parent)
+        quantization, int8 = compare_precisions(ctx, args.precision_test_reviews, ctx.cache.path.parent)
+        served_name, other_name = ("int8", "fp32") if args.serve_int8 else ("fp32", "int8")
+        quantization["served"] = served_name
         log(f"fp32 vs int8 {quantization}")
+        served, other = (int8, ctx.encoder) if args.serve_int8 else (ctx.encoder, int8)
 
         log("2/3 serving")
         texts = ctx.test_texts[: max(64, min(len(ctx.test_texts), 512))]
         serving_results = await measure_serving(
             args.models_dir,
-            ctx.encoder,
+            served,
             other,
             ctx.version_dir,
             texts,
@@ -637,11 +639,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.serve_rounds,
             tmp,
         )
-        del ctx, other
+        del ctx, other, served, int8
         results["serving"] = serving = serving_results
-        default, alternative = ("int8", "fp32") if args.int8 else ("fp32", "int8")
-        quantization[f"{default}_raw_texts_per_s"] = serving["raw_texts_per_s"]
-        quantization[f"{alternative}_raw_texts_per_s"] = serving["raw_other_arithmetic_texts_per_s"]
+        serving["served_arithmetic"] = served_name
+        quantization[f"{served_name}_raw_texts_per_s"] = serving["raw_texts_per_s"]
+        quantization[f"{other_name}_raw_texts_per_s"] = serving["raw_other_arithmetic_texts_per_s"]
         results["quantization"] = quantization
         log(f"serving {serving}")
 
@@ -659,6 +661,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         {
             "accuracy": q["accuracy"],
             "macro_f1": q["macro_f1"],
+            "served_arithmetic": served_name,
+            "served_macro_f1": quantization[f"{served_name}_macro_f1"],
+            "served_accuracy": quantization[f"{served_name}_accuracy"],
             "baseline_macro_f1": q["baseline_macro_f1"],
             "lr_macro_f1": q["lr_macro_f1"],
             "multilingual_accuracy": q["multilingual_accuracy"],
@@ -681,7 +686,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    from services.sentiment.encoder import DEFAULT_INT8
+    from services.sentiment.encoder import SERVE_INT8
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -701,13 +706,16 @@ def main() -> None:
     parser.add_argument("--reviews", type=int, default=1_000_000)
     parser.add_argument("--report-calls", type=int, default=300)
     parser.add_argument(
-        "--int8",
+        "--serve-int8",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULT_INT8,
-        help="the encoder arithmetic trained and served (the other one is compared on the test split)",
+        default=SERVE_INT8,
+        help="the encoder arithmetic served and measured raw (default: the server's default)",
     )
     parser.add_argument(
-        "--precision-test-reviews", type=int, default=1000, help="test reviews for the fp32 vs int8 figures"
+        "--precision-test-reviews",
+        type=int,
+        default=None,
+        help="test reviews for the fp32 vs int8 figures (default all)",
     )
     parser.add_argument(
         "--finetune-layers",

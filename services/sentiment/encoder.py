@@ -43,7 +43,11 @@ DIM = 384
 MODEL_TOKEN_LIMIT = 512
 PREFIX = "passage: "
 MODEL_FILE = "e5-small-q4.bin"
-DEFAULT_INT8 = False  # see the benchmark's "quantization" figures
+# Heads learn from the exact (fp32) vectors; the server runs int8 by default: the benchmark scores the
+# same head on both arithmetics over the whole test split ("quantization"; the issue's rule: int8 if
+# within 0.5 macro-F1 point) and measures both speeds.
+TRAIN_INT8 = False
+SERVE_INT8 = True
 POOL_LAYERS = 4  # layers averaged into the sentence vector (see the module docstring)
 _SPACES = re.compile(" {2,}")
 
@@ -452,8 +456,10 @@ class Encoder:
         return out
 
     def bottom_states(self, batch: Batch, layers: int) -> torch.Tensor:
-        """Token states after the embeddings and the first ``layers`` transformer layers."""
-        return self.states(batch, layers)[-1]
+        """Token states after the embeddings and the first ``layers`` transformer layers (only the last
+        are kept: this is the fine-tuned model's serving path)."""
+        h = self.bert.embeddings(input_ids=batch.input_ids, token_type_ids=torch.zeros_like(batch.input_ids))
+        return run_layers(self.bert.encoder.layer[:layers], h, batch.mask)
 
     def vectors(self, batch: Batch) -> torch.Tensor:
         """Sentence vectors of one batch (see ``layer_pool`` and ``pool_layers``)."""
