@@ -686,7 +686,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    from services.sentiment.encoder import SERVE_INT8
+    from services.sentiment.encoder import DEFAULT_INT8
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -708,7 +708,7 @@ def main() -> None:
     parser.add_argument(
         "--serve-int8",
         action=argparse.BooleanOptionalAction,
-        default=SERVE_INT8,
+        default=DEFAULT_INT8,
         help="the encoder arithmetic served and measured raw (default: the server's default)",
     )
     parser.add_argument(

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from services.runtime.config import RuntimeSettings
 
-from .encoder import SERVE_INT8
+from .encoder import DEFAULT_INT8
 
 
 class SentimentSettings(RuntimeSettings):
@@ -43,7 +43,7 @@ class SentimentSettings(RuntimeSettings):
     )
     sentiment_embed_threads: int = Field(0, ge=0, le=256, description="torch threads; 0 = torch's default.")
     sentiment_int8: bool = Field(
-        SERVE_INT8,
+        DEFAULT_INT8,
         description="Run the encoder's linear layers as dynamic int8 (CPU only; ignored on GPU).",
     )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .encoder import TRAIN_INT8, Encoder
+from .encoder import DEFAULT_INT8, Encoder
 
 
 class EmbeddingCache:
@@ -133,7 +133,7 @@ def warm_cache_main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="reviews to cover, in priority order")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds")
     parser.add_argument(
-        "--int8", action=argparse.BooleanOptionalAction, default=TRAIN_INT8, help="int8 encoder (CPU)"
+        "--int8", action=argparse.BooleanOptionalAction, default=DEFAULT_INT8, help="int8 encoder (CPU)"
     )
     args = parser.parse_args()
     df = load_reviews()

@@ -43,11 +43,10 @@ DIM = 384
 MODEL_TOKEN_LIMIT = 512
 PREFIX = "passage: "
 MODEL_FILE = "e5-small-q4.bin"
-# Heads learn from the exact (fp32) vectors; the server runs int8 by default: the benchmark scores the
-# same head on both arithmetics over the whole test split ("quantization"; the rule: int8 if
-# within 0.5 macro-F1 point) and measures both speeds.
-TRAIN_INT8 = False
-SERVE_INT8 = True
+# fp32 unless int8 scores within 0.5 macro-F1 point: the benchmark scores the trained head on both
+# arithmetics over the whole test split ("quantization"). Measured: int8 1.3x faster but -1.0 point
+# (0.668 vs 0.678 over 4,519 reviews; the first 1,000 alone had suggested -0.2).
+DEFAULT_INT8 = False
 POOL_LAYERS = 4  # layers averaged into the sentence vector (see the module docstring)
 _SPACES = re.compile(" {2,}")
 

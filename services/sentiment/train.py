@@ -36,7 +36,7 @@ from services.runtime.model_store import ModelStore, fingerprint
 
 from .data import LABELS, MULTILINGUAL_FILE, data_path, load_multilingual, load_reviews, priority_order
 from .embed import EmbeddingCache, embed_cached
-from .encoder import POOL_LAYERS, TRAIN_INT8, Encoder
+from .encoder import DEFAULT_INT8, POOL_LAYERS, Encoder
 from .finetune import FinetuneParams
 from .model import (
     DEFAULT_CLASS_STARS,
@@ -648,7 +648,7 @@ def main() -> None:
     parser.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
-        default=TRAIN_INT8,
+        default=DEFAULT_INT8,
         help="train on the int8 encoder's vectors (CPU; default: the exact fp32 ones)",
     )
     args = parser.parse_args()
