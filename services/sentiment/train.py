@@ -659,7 +659,10 @@ def main() -> None:
         version = import_hf_directory(ModelStore(args.models_dir, SERVICE), args.import_hf)
         print(f"imported {args.import_hf} as {SERVICE} version {version}")
         return
-    encoder = Encoder(quantize=args.int8, pool_layers=args.pool_layers)
+    try:
+        encoder = Encoder(quantize=args.int8, pool_layers=args.pool_layers)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.finetune_layers:
         params = FinetuneParams(layers=args.finetune_layers, epochs=args.finetune_epochs)
         version, ev = train_finetuned(args.models_dir, args.sample, params, encoder)
