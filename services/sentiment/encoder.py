@@ -407,23 +407,28 @@ class Encoder:
         self.model_name = model_name()
         self.dim = DIM
         self.layers = len(self.bert.encoder.layer)
-        if not 1 <= pool_layers <= self.layers:
-            raise ValueError(f"pool_layers must be within 1..{self.layers}")
-        self.pool_layers = pool_layers
+        self.pool_layers = self._checked_pooling(pool_layers)
         self.name = encoder_name(self.quantize, pool_layers)
         self.lock = threading.Lock()  # one forward pass at a time; torch parallelises inside it
+
+    def _checked_pooling(self, pool_layers: int) -> int:
+        if not 1 <= pool_layers <= self.layers:
+            raise ValueError(f"pool_layers must be within 1..{self.layers}")
+        return pool_layers
 
     def pooled(self, pool_layers: int) -> Encoder:
         """The same model (weights, device, lock) making vectors from ``pool_layers`` top layers: each
         trained head names the pooling it was trained on."""
         if pool_layers == self.pool_layers:
             return self
-        if not 1 <= pool_layers <= self.layers:
-            raise ValueError(f"pool_layers must be within 1..{self.layers}")
         other = copy.copy(self)
-        other.pool_layers = pool_layers
+        other.pool_layers = self._checked_pooling(pool_layers)
         other.name = encoder_name(self.quantize, pool_layers)
         return other
+
+    def describe(self) -> dict[str, Any]:
+        """What a trained model records about the encoder it learnt from."""
+        return {"encoder": self.model_name, "encoder_vectors": self.name, "max_tokens": self.max_tokens}
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer.pieces([clean(text)])[0]) + 2

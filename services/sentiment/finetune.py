@@ -245,9 +245,7 @@ class FinetunedModel:
             "layers": len(self.top.layers),
             "dropout": float(self.top.head.config["dropout"]),
             "calibration": asdict(self.calibration),
-            "encoder": self.encoder.model_name,
-            "encoder_vectors": self.encoder.name,
-            "max_tokens": self.encoder.max_tokens,
+            **self.encoder.describe(),
             **(extra or {}),
         }
         (folder / "finetuned.json").write_text(json.dumps(meta, indent=2))

@@ -197,10 +197,8 @@ class HeadModel:
         meta = {
             "head": self.head.config,
             "calibration": asdict(self.calibration),
-            "encoder": self.encoder.model_name,
-            "encoder_vectors": self.encoder.name,
+            **self.encoder.describe(),
             "pool_layers": self.encoder.pool_layers,
-            "max_tokens": self.encoder.max_tokens,
             **(extra or {}),
         }
         (folder / "head.json").write_text(json.dumps(meta, indent=2))

