@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CBEC_"
@@ -50,6 +50,21 @@ class RuntimeSettings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, le=4096)
     batch_max_delay_ms: float = Field(5.0, ge=0, le=10_000)
     batch_queue_size: int = Field(1024, ge=1, le=1_000_000)
+    # State (services/runtime/state.py): embedded SQLite files for one replica, or shared stores.
+    state_backend: Literal["embedded", "shared"] = Field(
+        "embedded", description="embedded: SQLite under state_dir (one replica); shared: PostgreSQL + Redis."
+    )
+    state_dir: Path = Field(Path("var"), description="Writable folder for SQLite files and local caches.")
+    database_url: str = Field("", description="postgresql://user@host:port/db (shared backend).")
+    database_password: SecretStr = SecretStr("")
+    redis_url: str = Field("", description="redis://host:port/db (shared backend).")
+    redis_password: SecretStr = SecretStr("")
+    state_timeout_s: float = Field(2.0, gt=0, le=60, description="Connect / pool wait / socket timeout.")
+    state_pool_max: int = Field(8, ge=1, le=1000)
+    state_check_s: float = Field(5.0, gt=0, le=3600, description="Store health-check period.")
+    model_poll_s: float = Field(
+        0.0, ge=0, le=86400, description="Check the model store for a newer version this often (0 = off)."
+    )
     tls_cert_file: Path | None = Field(None, description="PEM certificate; with tls_key_file turns TLS on.")
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = Field(
@@ -65,6 +80,20 @@ class RuntimeSettings(BaseSettings):
         for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @model_validator(mode="after")
+    def _state(self) -> RuntimeSettings:
+        if self.state_backend == "shared":
+            missing = [n for n in ("database_url", "redis_url") if not getattr(self, n)]
+            if missing:
+                raise ValueError(
+                    "CBEC_STATE_BACKEND=shared needs " + " and ".join(env_var_name(n) for n in missing)
+                )
+        self.state_dir = self.state_dir.expanduser().absolute()
+        models = self.models_dir.expanduser().absolute()
+        if self.state_dir == models or models in self.state_dir.parents:
+            raise ValueError("CBEC_STATE_DIR must not be inside CBEC_MODELS_DIR (mounted read-only)")
         return self
 
     @field_validator("device")

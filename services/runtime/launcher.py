@@ -132,6 +132,8 @@ def main() -> None:
     env = {
         **os.environ,
         "CBEC_MODELS_DIR": str(args.models_dir.resolve()),
+        # Embedded state: one SQLite file per store under one folder, never in the code or models dir.
+        "CBEC_STATE_DIR": os.environ.get("CBEC_STATE_DIR", str(ROOT / "var")),
         "CBEC_GRACE_PERIOD_S": str(args.grace),
     }
     env.setdefault("PYTHONUNBUFFERED", "1")

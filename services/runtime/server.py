@@ -31,6 +31,7 @@ from .interceptor import RuntimeInterceptor
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model_store import Loaded, Manifest, ModelLoadError, ModelSlot, ModelStore
+from .state import Database, StateConfig, open_database, redis_client
 
 log = logging.getLogger("cbec.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -51,6 +52,31 @@ class Runtime:
     store: ModelStore
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     batchers: list[MicroBatcher[Any, Any]] = field(default_factory=list)
+    #: (health name, check) of every store the service opened; checked every CBEC_STATE_CHECK_S.
+    store_checks: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    databases: list[Database] = field(default_factory=list)
+
+    @property
+    def state(self) -> StateConfig:
+        return StateConfig.from_settings(self.settings)
+
+    def database(self, name: str, synchronous: str = "FULL") -> Database:
+        """The service's store ``name`` (embedded SQLite file or the shared PostgreSQL), health-checked
+        under ``<service>.<name>`` and closed by the runtime at shutdown."""
+        db = open_database(self.state, name, synchronous)
+        self.databases.append(db)
+        self.watch_store(name, db.check)
+        return db
+
+    def redis(self, asyncio: bool = False) -> Any:
+        """The shared Redis client (shared backend only), health-checked under ``<service>.redis``."""
+        client = redis_client(self.state, asyncio=asyncio)
+        if not asyncio:
+            self.watch_store("redis", client.ping)
+        return client
+
+    def watch_store(self, name: str, check: Callable[[], Any]) -> None:
+        self.store_checks.append((f"{self.settings.service}.{name}", check))
 
     async def set_health(self, name: str, serving: bool) -> None:
         """Report a component's state under its own health name (e.g. ``cbec.risk.v1.RiskService.rates``).
@@ -119,6 +145,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._stopped = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
         self._started_service = False
         self._health_names = ("", *self.service.service_names)
 
@@ -176,6 +203,52 @@ class Server:
             },
         )
         await self.load_model()
+        if self.runtime.store_checks:
+            self._background.append(asyncio.create_task(self._check_stores()))
+        if s.model_poll_s > 0 and self.service.slot is not None and not s.model_version:
+            self._background.append(asyncio.create_task(self._poll_models()))
+
+    async def check_stores(self) -> dict[str, bool]:
+        """Health of every store: a store that is down is NOT_SERVING under its own name, so the parts
+        that need it fail fast with UNAVAILABLE while the rest of the service keeps serving."""
+        states: dict[str, bool] = {}
+        for name, check in self.runtime.store_checks:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(check), self.settings.state_timeout_s * 2)
+                states[name] = True
+            except Exception as exc:
+                states[name] = False
+                log.warning("store down", extra={"store": name, "error": str(exc)[:200]})
+            await self.runtime.set_health(name, states[name])
+        return states
+
+    async def _check_stores(self) -> None:
+        while True:
+            await self.check_stores()
+            await asyncio.sleep(self.settings.state_check_s)
+
+    async def _poll_models(self) -> None:
+        """Load a version that appeared in the model store since the last look (a training job wrote
+        it). Only a new arrival switches: a roll-back through the admin API stays in place."""
+        slot = self.service.slot
+        assert slot is not None
+        newest = await asyncio.to_thread(self.runtime.store.newest_valid)
+        seen = newest.version if newest is not None else None
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                newest = await asyncio.to_thread(self.runtime.store.newest_valid)
+                if newest is None or newest.version == seen:
+                    continue
+                seen = newest.version
+                current = slot.current
+                if current is None or newest.version > current.manifest.version:
+                    log.info("new model version found", extra={"version": newest.version})
+                    await self.switch_model(newest.version)
+            except ModelLoadError as exc:
+                log.error("new model version failed to load: %s", exc)
+            except Exception:
+                log.exception("model poll failed")
 
     async def load_model(self, version: str | None = None) -> None:
         """Load the model at start (or on SIGHUP); without one the server stays up, NOT_SERVING."""
@@ -206,10 +279,14 @@ class Server:
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace, "in_flight": self.interceptor.in_flight})
         await self._set_health(NOT_SERVING)
+        for task in self._background:
+            task.cancel()
         await self._server.stop(grace)
         for batcher in self.runtime.batchers:
             await batcher.close()
         await self.service.stop()
+        for db in self.runtime.databases:
+            await asyncio.to_thread(db.close)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
