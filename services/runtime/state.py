@@ -10,7 +10,7 @@ Two backends, chosen by ``CBEC_STATE_BACKEND``:
 
 Domain repositories write SQL once, in the common subset of both (``?`` placeholders, ``ON CONFLICT``,
 ``RETURNING``); DDL is written in SQLite's words and widened for PostgreSQL (INTEGER -> BIGINT,
-REAL -> DOUBLE PRECISION, BLOB -> BYTEA). Migrations are numbered per component and applied at start-up
+REAL -> DOUBLE PRECISION, BLOB -> BYTEA; types in upper case, names in lower case). Migrations are numbered per component and applied at start-up
 under a lock, so replicas starting together apply each one exactly once.
 
 Every driver error that means "the store is not reachable now" becomes ``StoreUnavailable``
@@ -57,12 +57,13 @@ class StoreUnavailable(ServiceError):
 
 
 # --- SQL dialects ---------------------------------------------------------------------------------------
+# Type names are matched in upper case only, so a column called ``blob`` or ``real`` keeps its name.
 _DDL_WORDS = [
-    (re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT\b", re.I), "BIGSERIAL PRIMARY KEY"),
-    (re.compile(r"\bINTEGER\b", re.I), "BIGINT"),
-    (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION"),
-    (re.compile(r"\bBLOB\b", re.I), "BYTEA"),
-    (re.compile(r"\)\s*WITHOUT\s+ROWID", re.I), ")"),
+    (re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT\b"), "BIGSERIAL PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+    (re.compile(r"\)\s*WITHOUT\s+ROWID"), ")"),
 ]
 
 
