@@ -93,3 +93,51 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     results["machine"] = machine()
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def handling_buckets(metrics_address: str, method: str) -> dict[float, float]:
+    """Cumulative ``grpc_server_handling_seconds`` bucket counts of one method, scraped from the server."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "grpc_server_handling_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("grpc_method") == method:
+                out[float(sample.labels["le"])] = out.get(float(sample.labels["le"]), 0.0) + sample.value
+    return out
+
+
+def server_side(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Time inside the handler (the server's own histogram), apart from transport and queueing.
+
+    Quantiles are interpolated within the runtime's buckets (as PromQL's histogram_quantile does), so
+    they are estimates; the share of calls handled within 10 ms is exact (10 ms is a bucket edge).
+    """
+    edges = sorted(after)
+    counts = np.array([after[e] - before.get(e, 0.0) for e in edges])
+    total = counts[-1] if len(counts) else 0.0
+    if not total:
+        return {"calls": 0}
+
+    def quantile(q: float) -> float:
+        rank = q * total
+        i = int(np.searchsorted(counts, rank))
+        if edges[i] == float("inf"):
+            return float("inf") if i == 0 else edges[i - 1] * 1000
+        lo_edge, lo_count = (edges[i - 1], counts[i - 1]) if i else (0.0, 0.0)
+        share = (rank - lo_count) / max(counts[i] - lo_count, 1e-9)
+        return (lo_edge + (edges[i] - lo_edge) * share) * 1000
+
+    within = counts[edges.index(0.01)] / total if 0.01 in edges else float("nan")
+    return {
+        "calls": int(total),
+        "p50_ms_estimate": round(quantile(0.5), 3),
+        "p99_ms_estimate": round(quantile(0.99), 3),
+        "within_10ms_share": round(float(within), 4),
+    }

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.loadgen import RESULTS, closed_loop, write_results
+from bench.loadgen import RESULTS, closed_loop, handling_buckets, server_side, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
@@ -469,54 +469,6 @@ async def _wait_serving(port: int, timeout: float = 600) -> None:
     raise TimeoutError("recommender did not become SERVING")
 
 
-def _handling_buckets(metrics_port: int, method: str) -> dict[float, float]:
-    """Cumulative ``grpc_server_handling_seconds`` bucket counts of one method, scraped from the server."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "grpc_server_handling_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket") and sample.labels.get("grpc_method") == method:
-                out[float(sample.labels["le"])] = out.get(float(sample.labels["le"]), 0.0) + sample.value
-    return out
-
-
-def server_side(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
-    """Time inside the handler (the server's own histogram), apart from transport and queueing.
-
-    Quantiles are interpolated within the runtime's buckets (as PromQL's histogram_quantile does), so
-    they are estimates; the share of calls handled within 10 ms is exact (10 ms is a bucket edge).
-    """
-    edges = sorted(after)
-    counts = np.array([after[e] - before.get(e, 0.0) for e in edges])
-    total = counts[-1] if len(counts) else 0.0
-    if not total:
-        return {"calls": 0}
-
-    def quantile(q: float) -> float:
-        rank = q * total
-        i = int(np.searchsorted(counts, rank))
-        if edges[i] == float("inf"):
-            return float("inf") if i == 0 else edges[i - 1] * 1000
-        lo_edge, lo_count = (edges[i - 1], counts[i - 1]) if i else (0.0, 0.0)
-        share = (rank - lo_count) / max(counts[i] - lo_count, 1e-9)
-        return (lo_edge + (edges[i] - lo_edge) * share) * 1000
-
-    within = counts[edges.index(0.01)] / total if 0.01 in edges else float("nan")
-    return {
-        "calls": int(total),
-        "p50_ms_estimate": round(quantile(0.5), 3),
-        "p99_ms_estimate": round(quantile(0.99), 3),
-        "within_10ms_share": round(float(within), 4),
-    }
-
-
 async def serve_and_load(
     models_dir: Path, users: list[str], seconds: float, feedback_users: int
 ) -> dict[str, Any]:
@@ -549,12 +501,12 @@ async def serve_and_load(
             requests = [pb.RecommendRequest(user_id=u, k=10) for u in users]
             for r in requests[:50]:  # warm caches
                 await stub.Recommend(r, timeout=60)
-            before = await asyncio.to_thread(_handling_buckets, metrics_port, "Recommend")
+            before = await asyncio.to_thread(handling_buckets, f"127.0.0.1:{metrics_port}", "Recommend")
             result = await closed_loop(
                 lambda i: stub.Recommend(requests[i % len(requests)], timeout=10), 16, seconds, warmup_s=1.0
             )
             # the closed loop's warm-up second is inside this window: a few more calls, same load
-            after = await asyncio.to_thread(_handling_buckets, metrics_port, "Recommend")
+            after = await asyncio.to_thread(handling_buckets, f"127.0.0.1:{metrics_port}", "Recommend")
             handled = server_side(before, after)
             rss = _rss_mb(proc.pid)
             health = health_pb2_grpc.HealthStub(ch)
