@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -31,7 +32,7 @@ from .interceptor import RuntimeInterceptor
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model_store import Loaded, Manifest, ModelLoadError, ModelSlot, ModelStore
-from .state import Database, StateConfig, open_database, redis_client
+from .state import Database, PostgresDatabase, StateConfig, open_database, redis_client
 
 log = logging.getLogger("cbec.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -147,6 +148,8 @@ class Server:
         self._stopped = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._started_service = False
+        self.pins: ModelPins | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._health_names = ("", *self.service.service_names)
 
     @property
@@ -159,6 +162,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        self._loop = asyncio.get_running_loop()
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -174,7 +178,7 @@ class Server:
         names = [*self.service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.service.slot is not None:
             common_pb2_grpc.add_ModelAdminServiceServicer_to_server(
-                ModelAdminServicer(self.service.slot, self.switch_model), server
+                ModelAdminServicer(self.service.slot, self.admin_switch), server
             )
             names.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(names, server)
@@ -202,6 +206,9 @@ class Server:
                 "device": str(self.device),
             },
         )
+        if s.state_backend == "shared" and self.service.slot is not None:
+            self.pins = ModelPins(self.runtime.state, s.service)
+            self.pins.listen(self._on_pin_changed)
         await self.load_model()
         if self.runtime.store_checks:
             self._background.append(asyncio.create_task(self._check_stores()))
@@ -240,6 +247,8 @@ class Server:
                 newest = await asyncio.to_thread(self.runtime.store.newest_valid)
                 if newest is None or newest.version == seen:
                     continue
+                if await self.pinned_version():  # a roll-out chose a version: arrivals wait for un-pinning
+                    continue
                 seen = newest.version
                 current = slot.current
                 if current is None or newest.version > current.manifest.version:
@@ -250,10 +259,54 @@ class Server:
             except Exception:
                 log.exception("model poll failed")
 
+    async def admin_switch(self, version: str | None) -> Loaded[Any] | None:
+        """``LoadModelVersion``: switch here, then (shared backend) record the choice so every replica,
+        and every replica started later, serves it. An empty version un-pins: newest valid."""
+        loaded = await self.switch_model(version)
+        if self.pins is not None:
+            await asyncio.to_thread(self.pins.set, version or "")
+        return loaded
+
+    async def pinned_version(self) -> str | None:
+        """The version to serve: CBEC_MODEL_VERSION, else the shared pin, else None (newest valid)."""
+        if self.settings.model_version:
+            return self.settings.model_version
+        if self.pins is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.pins.get) or None
+        except Exception as exc:  # the store being down must not stop a model from loading
+            log.warning("model pin unreadable, loading the newest version", extra={"error": str(exc)[:200]})
+            return None
+
+    def _on_pin_changed(self, payload: str | None) -> None:
+        """A replica's admin call changed the shared choice (or the listener reconnected: re-check)."""
+        loop = self._loop
+        if loop is None or (payload is not None and payload != self.settings.service):
+            return
+
+        def follow() -> None:
+            self._background.append(loop.create_task(self._follow_pin()))
+
+        loop.call_soon_threadsafe(follow)
+
+    async def _follow_pin(self) -> None:
+        version = await self.pinned_version()
+        current = self.service.slot.current if self.service.slot is not None else None
+        if version is None:
+            newest = await asyncio.to_thread(self.runtime.store.newest_valid)
+            version = newest.version if newest is not None else None
+        if version is None or (current is not None and current.manifest.version == version):
+            return
+        log.info("following the shared model choice", extra={"version": version})
+        await self.load_model(version)
+
     async def load_model(self, version: str | None = None) -> None:
         """Load the model at start (or on SIGHUP); without one the server stays up, NOT_SERVING."""
+        if version is None:
+            version = await self.pinned_version()
         try:
-            await self.switch_model(version or self.settings.model_version or None)
+            await self.switch_model(version or None)
         except ModelLoadError as exc:
             log.error("no model loaded: %s", exc)
             if not self.ready:
@@ -287,6 +340,8 @@ class Server:
         await self.service.stop()
         for db in self.runtime.databases:
             await asyncio.to_thread(db.close)
+        if self.pins is not None:
+            await asyncio.to_thread(self.pins.close)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -296,6 +351,57 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+class ModelPins:
+    """The model version an operator chose through the admin API, shared by every replica (PostgreSQL
+    row + NOTIFY), so one ``LoadModelVersion`` call rolls out to all replicas of a service and survives
+    restarts, without patching the Helm-managed Deployment."""
+
+    CHANNEL = "runtime_model_pins"
+    MIGRATIONS = [
+        "CREATE TABLE runtime_model_pins "
+        "(service TEXT PRIMARY KEY, version TEXT NOT NULL, set_at REAL NOT NULL)"
+    ]
+
+    def __init__(self, config: StateConfig, service: str) -> None:
+        self.service = service
+        self.db = PostgresDatabase(
+            config.database_url,
+            config.database_password,
+            name="runtime",
+            max_size=2,
+            timeout_s=config.timeout_s,
+            application_name=f"cbec-{service}-runtime",
+        )
+        self._migrated = False
+
+    def _ready(self) -> None:
+        if not self._migrated:
+            self.db.migrate("runtime", self.MIGRATIONS)
+            self._migrated = True
+
+    def get(self) -> str:
+        self._ready()
+        return str(
+            self.db.scalar("SELECT version FROM runtime_model_pins WHERE service = ?", (self.service,)) or ""
+        )
+
+    def set(self, version: str) -> None:
+        self._ready()
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO runtime_model_pins (service, version, set_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (service) DO UPDATE SET version = excluded.version, set_at = excluded.set_at",
+                (self.service, version, time.time()),
+            )
+            tx.notify(self.CHANNEL, self.service)
+
+    def listen(self, callback: Callable[[str | None], None]) -> None:
+        self.db.listen(self.CHANNEL, callback)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def server_credentials(settings: RuntimeSettings) -> grpc.ServerCredentials | None:

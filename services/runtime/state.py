@@ -10,7 +10,8 @@ Two backends, chosen by ``CBEC_STATE_BACKEND``:
 
 Domain repositories write SQL once, in the common subset of both (``?`` placeholders, ``ON CONFLICT``,
 ``RETURNING``); DDL is written in SQLite's words and widened for PostgreSQL (INTEGER -> BIGINT,
-REAL -> DOUBLE PRECISION, BLOB -> BYTEA; types in upper case, names in lower case). Migrations are numbered per component and applied at start-up
+REAL -> DOUBLE PRECISION, BLOB -> BYTEA; types in upper case, names in lower case). Migrations are
+numbered per component and applied at start-up
 under a lock, so replicas starting together apply each one exactly once.
 
 Every driver error that means "the store is not reachable now" becomes ``StoreUnavailable``
@@ -193,9 +194,25 @@ class Database:
         with self.read() as tx:
             return tx.scalar(sql, params)
 
-    def migrate(self, component: str, migrations: Sequence[Migration | str]) -> int:
+    def migrate(self, component: str, migrations: Sequence[Migration | str], wait_s: float = 60.0) -> int:
         """Apply the migrations not yet applied (numbered from 1), each in its own transaction, under a
-        lock so replicas starting together apply each once. Returns how many were applied."""
+        lock so replicas starting together apply each once. Returns how many were applied.
+
+        A store that is not reachable yet (a database starting beside the service) is waited for up to
+        ``wait_s``, so a pod does not crash-loop while its database comes up."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._migrate(component, migrations)
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning(
+                    "store not reachable yet, retrying", extra={"store": self.name, "error": exc.message}
+                )
+                time.sleep(1.0)
+
+    def _migrate(self, component: str, migrations: Sequence[Migration | str]) -> int:
         steps = [m if isinstance(m, Migration) else Migration(m) for m in migrations]
         applied = 0
         with self.transaction() as tx:
@@ -304,8 +321,10 @@ class SqliteDatabase(Database):
             self._tx, self._depth = tx, 1
             try:
                 yield tx
+                tx.cursor.close()  # an open statement would keep the WAL from being checkpointed
                 self._db.execute("COMMIT")
             except BaseException:
+                tx.cursor.close()
                 self._db.execute("ROLLBACK")
                 raise
             finally:
@@ -318,11 +337,18 @@ class SqliteDatabase(Database):
         with self._lock:
             if self._depth:
                 yield self._tx
-            else:
-                yield Tx(self, self._db.cursor())
+                return
+            cursor = self._db.cursor()
+            try:
+                yield Tx(self, cursor)
+            finally:
+                cursor.close()
 
     def close(self) -> None:
+        """Checkpoint the WAL into the file (so a copy of the file alone is complete), then close."""
         with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
 
 
