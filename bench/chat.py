@@ -48,17 +48,18 @@ from services.chat.store import ChatStore
 from services.chat.text import LanguageDetector
 from services.runtime.model_store import ModelStore
 from services.runtime.probe import wait_serving
+from services.runtime.state import StateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {v: k for k, v in chat_pb2.AnswerSource.items()}
 
 
-def quality(models_dir: Path, data_dir: Path) -> dict[str, Any]:
+def quality(models_dir: Path, state: StateConfig) -> dict[str, Any]:
     entry = ModelStore(models_dir, "chat").newest_valid()
     assert entry is not None and entry.manifest is not None
     retrieval, policy = load_params(entry.path)
     intent = IntentModel.load(entry.path)
-    store = ChatStore(data_dir / "chat.sqlite")
+    store = ChatStore.open(state)
     index = HybridIndex(store.articles())
     store.close()
     embedder, detector = Embedder(), LanguageDetector()
@@ -204,15 +205,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "chat")
+    parser.add_argument(
+        "--state-dir", type=Path, default=ROOT / "var", help="embedded state (CBEC_STATE_DIR)"
+    )
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--llm-seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    prepare(args.models_dir, args.data_dir)  # knowledge base, demo orders, default model (skips done work)
+    state = StateConfig(state_dir=args.state_dir)
+    prepare(args.models_dir, state)  # knowledge base, demo orders, default model (skips done work)
     print("quality on the evaluation set ...", flush=True)
-    q = quality(args.models_dir, args.data_dir)
+    q = quality(args.models_dir, state)
     print({k: q["eval"][k] for k in ("retrieval_top1", "retrieval_top3", "intent_accuracy")}, flush=True)
 
     print("tokens/s ...", flush=True)
@@ -220,7 +224,7 @@ def main() -> None:
     print(tps, flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="chat-bench-"))
-    shutil.copy(args.data_dir / "chat.sqlite", work / "chat.sqlite")  # the load writes sessions/returns
+    shutil.copy(args.state_dir / "chat.sqlite3", work / "chat.sqlite3")  # the load writes sessions/returns
     port = _free_port()
     env = {
         **os.environ,
@@ -228,7 +232,7 @@ def main() -> None:
         "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_PORT": "0",
         "CBEC_MODELS_DIR": str(args.models_dir),
-        "CBEC_DATA_DIR": str(work),
+        "CBEC_STATE_DIR": str(work),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
     }

@@ -84,12 +84,8 @@ class RuntimeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _state(self) -> RuntimeSettings:
-        if self.state_backend == "shared":
-            missing = [n for n in ("database_url", "redis_url") if not getattr(self, n)]
-            if missing:
-                raise ValueError(
-                    "CBEC_STATE_BACKEND=shared needs " + " and ".join(env_var_name(n) for n in missing)
-                )
+        if self.state_backend == "shared" and not (self.database_url or self.redis_url):
+            raise ValueError("CBEC_STATE_BACKEND=shared needs CBEC_DATABASE_URL and/or CBEC_REDIS_URL")
         self.state_dir = self.state_dir.expanduser().absolute()
         models = self.models_dir.expanduser().absolute()
         if self.state_dir == models or models in self.state_dir.parents:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import sys
@@ -32,7 +33,14 @@ from .interceptor import RuntimeInterceptor
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model_store import Loaded, Manifest, ModelLoadError, ModelSlot, ModelStore
-from .state import Database, PostgresDatabase, StateConfig, open_database, redis_client
+from .state import (
+    Database,
+    PostgresDatabase,
+    StateConfig,
+    StateConfigError,
+    open_database,
+    redis_client,
+)
 
 log = logging.getLogger("cbec.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -54,8 +62,9 @@ class Runtime:
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     batchers: list[MicroBatcher[Any, Any]] = field(default_factory=list)
     #: (health name, check) of every store the service opened; checked every CBEC_STATE_CHECK_S.
-    store_checks: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    store_checks: list[tuple[str, Callable[[], Any], bool]] = field(default_factory=list)
     databases: list[Database] = field(default_factory=list)
+    redis_clients: list[Any] = field(default_factory=list)
 
     @property
     def state(self) -> StateConfig:
@@ -70,14 +79,17 @@ class Runtime:
         return db
 
     def redis(self, asyncio: bool = False) -> Any:
-        """The shared Redis client (shared backend only), health-checked under ``<service>.redis``."""
+        """The shared Redis client (shared backend only), health-checked under ``<service>.redis`` and
+        closed by the runtime at shutdown."""
         client = redis_client(self.state, asyncio=asyncio)
-        if not asyncio:
-            self.watch_store("redis", client.ping)
+        self.redis_clients.append(client)
+        self.watch_store("redis", client.ping, on_loop=asyncio)
         return client
 
-    def watch_store(self, name: str, check: Callable[[], Any]) -> None:
-        self.store_checks.append((f"{self.settings.service}.{name}", check))
+    def watch_store(self, name: str, check: Callable[[], Any], on_loop: bool = False) -> None:
+        """Run ``check()`` every CBEC_STATE_CHECK_S: a blocking call in a thread, or (``on_loop``) a
+        call returning an awaitable, awaited on the server's loop (asyncio clients)."""
+        self.store_checks.append((f"{self.settings.service}.{name}", check, on_loop))
 
     async def set_health(self, name: str, serving: bool) -> None:
         """Report a component's state under its own health name (e.g. ``cbec.risk.v1.RiskService.rates``).
@@ -213,15 +225,18 @@ class Server:
         if self.runtime.store_checks:
             self._background.append(asyncio.create_task(self._check_stores()))
         if s.model_poll_s > 0 and self.service.slot is not None and not s.model_version:
-            self._background.append(asyncio.create_task(self._poll_models()))
+            current = self.service.slot.current
+            seen = current.manifest.version if current is not None else None
+            self._background.append(asyncio.create_task(self._poll_models(seen)))
 
     async def check_stores(self) -> dict[str, bool]:
         """Health of every store: a store that is down is NOT_SERVING under its own name, so the parts
         that need it fail fast with UNAVAILABLE while the rest of the service keeps serving."""
         states: dict[str, bool] = {}
-        for name, check in self.runtime.store_checks:
+        timeout = self.settings.state_timeout_s * 2
+        for name, check, on_loop in self.runtime.store_checks:
             try:
-                await asyncio.wait_for(asyncio.to_thread(check), self.settings.state_timeout_s * 2)
+                await asyncio.wait_for(check() if on_loop else asyncio.to_thread(check), timeout)
                 states[name] = True
             except Exception as exc:
                 states[name] = False
@@ -234,13 +249,11 @@ class Server:
             await self.check_stores()
             await asyncio.sleep(self.settings.state_check_s)
 
-    async def _poll_models(self) -> None:
+    async def _poll_models(self, seen: str | None) -> None:
         """Load a version that appeared in the model store since the last look (a training job wrote
         it). Only a new arrival switches: a roll-back through the admin API stays in place."""
         slot = self.service.slot
         assert slot is not None
-        newest = await asyncio.to_thread(self.runtime.store.newest_valid)
-        seen = newest.version if newest is not None else None
         while True:
             await asyncio.sleep(self.settings.model_poll_s)
             try:
@@ -342,6 +355,11 @@ class Server:
             await asyncio.to_thread(db.close)
         if self.pins is not None:
             await asyncio.to_thread(self.pins.close)
+        for client in self.runtime.redis_clients:
+            with contextlib.suppress(Exception):
+                closing = client.aclose() if hasattr(client, "aclose") else client.close()
+                if inspect.isawaitable(closing):
+                    await closing
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -453,6 +471,10 @@ def main(service: str, build: Callable[[Runtime], Service], settings_cls: type[S
     configure_logging(service, settings.log_level)
     try:
         asyncio.run(serve(settings, build))
+    except StateConfigError as exc:
+        log.error("invalid state configuration: %s", exc)
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
     except DeviceError as exc:
         log.error("invalid device: %s", exc)
         print(f"invalid configuration: CBEC_DEVICE={settings.device!r}: {exc}", file=sys.stderr)

@@ -57,6 +57,10 @@ class StoreUnavailable(ServiceError):
         self.store = store
 
 
+class StateConfigError(ValueError):
+    """A store the service needs is not configured (start-up exits with status 2 and this message)."""
+
+
 # --- SQL dialects ---------------------------------------------------------------------------------------
 # Type names are matched in upper case only, so a column called ``blob`` or ``real`` keeps its name.
 _DDL_WORDS = [
@@ -504,6 +508,10 @@ def open_database(config: StateConfig, name: str, synchronous: str = "FULL") -> 
     """The store ``name``: ``<state dir>/<name>.sqlite3`` embedded, or the shared PostgreSQL database
     (every store of every service in one database, tables prefixed by their component)."""
     if config.shared:
+        if not config.database_url:
+            raise StateConfigError(
+                f"{config.service or name}: CBEC_STATE_BACKEND=shared needs CBEC_DATABASE_URL"
+            )
         return PostgresDatabase(
             config.database_url,
             config.database_password,
@@ -521,6 +529,8 @@ def redis_client(config: StateConfig, asyncio: bool = False) -> Any:
     import redis.asyncio
 
     module: Any = redis.asyncio if asyncio else redis
+    if not config.redis_url:
+        raise StateConfigError(f"{config.service or 'redis'}: CBEC_STATE_BACKEND=shared needs CBEC_REDIS_URL")
     return module.Redis.from_url(
         config.redis_url,
         password=config.redis_password or None,

@@ -19,7 +19,7 @@ from services.runtime.state import (
     ddl_for,
     open_database,
 )
-from tests.stores import PG_PASSWORD, PostgresServer, pg_url, postgres_server  # noqa: F401
+from tests.stores import PG_PASSWORD, PostgresServer
 
 MIGRATIONS = [
     Migration(
