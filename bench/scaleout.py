@@ -196,8 +196,9 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cbec-scaleout-") as tmp:
         work = Path(tmp)
+        work.chmod(0o755)  # the pod user must reach the models and volumes below
         console.rule("shared backend: 2 replicas of every stateful service, 2 gateways")
-        with running_suite(work / "shared") as suite:
+        with running_suite() as suite:
             results = asyncio.run(measure(suite, args.rounds, args.load_seconds))
         console.rule("embedded backend: one risk pod")
         results["risk_embedded"] = embedded_risk(work / "embedded", args.load_seconds)

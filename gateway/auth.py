@@ -20,12 +20,18 @@ Credentials (HTTP header or gRPC metadata):
 Scopes: a method needs its backend's name (``recommender``, ``sentiment``, ``vision``, ``risk``,
 ``chat``), ``gateway`` for the aggregations, or ``admin`` for the model-admin API; ``*`` grants all.
 Rate limits: a token bucket per principal (its own rate from the keys file, else the defaults); past
-it, RESOURCE_EXHAUSTED with ``RetryInfo`` (HTTP 429 with ``Retry-After``).
+it, RESOURCE_EXHAUSTED with ``RetryInfo`` (HTTP 429 with ``Retry-After``). Embedded (one gateway) the
+buckets are in memory; with ``CBEC_STATE_BACKEND=shared`` they live in Redis, so the limit holds across
+every gateway replica. Redis unreachable never fails a request: each replica then limits on its own
+with its share of the rate (``1 / CBEC_RATE_LIMIT_REPLICAS``) until Redis answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -220,8 +226,148 @@ class RateLimiter:
         return (1.0 - bucket[0]) / principal.rate_per_s
 
 
+# One check, atomically, in Redis. KEYS[1]: the principal's bucket; ARGV: rate per second, burst.
+# Time comes from Redis (TIME), so the gateways' clocks play no part. The bucket expires once it would
+# have refilled completely: from then on it is the same as a new one, so idle principals leave no keys.
+# Returns {1, "0"} when admitted, else {0, seconds until a token} (a string: Lua numbers would be cut
+# to integers on the way out).
+TOKEN_BUCKET_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'us')
+local tokens = tonumber(state[1])
+local last = tonumber(state[2])
+if tokens == nil or last == nil then
+  tokens = burst
+elseif now > last then
+  tokens = math.min(burst, tokens + (now - last) * rate / 1000000)
+end
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'us', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return {allowed, string.format('%.6f', wait)}
+"""
+RATE_KEY_PREFIX = "cbec:gateway:rate:"
+
+
+class SharedRateLimiter:
+    """Token buckets in Redis, one Lua script (EVALSHA) per check, shared by every gateway replica.
+
+    Redis unreachable, slow (past ``timeout_s``) or failing: the check falls back to this replica's
+    in-memory bucket with the per-replica share of the principal's rate and burst (``1 / replicas``),
+    logs the switch once and counts it in the metrics. While degraded, requests never wait on Redis: a
+    background probe pings it every ``probe_s`` and global limits resume as soon as it answers.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        replicas: int = 1,
+        timeout_s: float = 0.25,
+        probe_s: float = 1.0,
+        metrics: GatewayMetrics | None = None,
+        local: RateLimiter | None = None,
+        prefix: str = RATE_KEY_PREFIX,
+    ) -> None:
+        self.client = client
+        self.replicas = max(1, int(replicas))
+        self.timeout_s = timeout_s
+        self.probe_s = probe_s
+        self.metrics = metrics
+        self.local = local or RateLimiter()
+        self.prefix = prefix
+        self._script = client.register_script(TOKEN_BUCKET_LUA)
+        self._shared = True
+        self._probe: asyncio.Task[None] | None = None
+        self._set_gauge(True)
+
+    @property
+    def shared(self) -> bool:
+        """True while the limits are global (Redis answers); False while this replica limits alone."""
+        return self._shared
+
+    def key(self, principal_id: str) -> str:
+        return self.prefix + principal_id
+
+    async def check(self, principal: Principal) -> float | None:
+        """None when admitted; otherwise the seconds until a call would be."""
+        if self._shared:
+            try:
+                allowed, wait = await asyncio.wait_for(
+                    self._script(keys=[self.key(principal.id)], args=[principal.rate_per_s, principal.burst]),
+                    self.timeout_s,
+                )
+                return None if int(allowed) == 1 else max(float(wait), 0.001)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # unreachable, timed out, loading, read-only...: never fail the call
+                self._degrade(exc)
+        if self.metrics is not None:
+            self.metrics.rate_limit_fallback.inc()
+        return self.local.check(self._share(principal))
+
+    def _share(self, principal: Principal) -> Principal:
+        if self.replicas == 1:
+            return principal
+        return dataclasses.replace(
+            principal,
+            rate_per_s=principal.rate_per_s / self.replicas,
+            burst=max(1.0, principal.burst / self.replicas),
+        )
+
+    def _set_gauge(self, shared: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.rate_limit_shared.set(1 if shared else 0)
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self._shared:
+            self._shared = False
+            self._set_gauge(False)
+            log.warning(
+                "rate-limit store unreachable: limiting on this replica with 1/%d of each rate until it "
+                "answers (%s: %s)",
+                self.replicas,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_s)
+            try:
+                await asyncio.wait_for(self.client.ping(), max(self.timeout_s, 1.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue
+            self._shared = True
+            self._set_gauge(True)
+            log.info("rate-limit store answers again: limits are global across replicas")
+            return
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._probe
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
 class Authenticator:
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics, redis: Any | None = None) -> None:
+        """``redis`` (an asyncio client; the shared backend) makes the rate limits global."""
         self.settings = settings
         self.metrics = metrics
         self.keys = KeyStore(settings)
@@ -230,7 +376,16 @@ class Authenticator:
             if settings.jwt_secret_file is not None or settings.jwt_public_key_file is not None
             else None
         )
-        self.limiter = RateLimiter()
+        self.limiter: RateLimiter | SharedRateLimiter = (
+            SharedRateLimiter(
+                redis,
+                replicas=settings.rate_limit_replicas,
+                timeout_s=settings.rate_limit_timeout_s,
+                metrics=metrics,
+            )
+            if redis is not None
+            else RateLimiter()
+        )
         if self.keys.dev_key_enabled:
             log.warning(
                 "CBEC_ENV=dev: the development API key is accepted; set CBEC_ENV=prod and a keys file "
@@ -278,8 +433,17 @@ class Authenticator:
                 )
             )
 
-    def limit(self, principal: Principal) -> None:
-        wait = self.limiter.check(principal)
+    async def close(self) -> None:
+        if isinstance(self.limiter, SharedRateLimiter):
+            await self.limiter.close()
+
+    async def limit(self, principal: Principal) -> None:
+        limiter = self.limiter
+        wait = (
+            await limiter.check(principal)
+            if isinstance(limiter, SharedRateLimiter)
+            else limiter.check(principal)
+        )
         if wait is not None:
             self.metrics.rate_limited.labels(principal.id if principal.kind != "jwt" else "jwt").inc()
             raise GatewayError(
@@ -289,10 +453,10 @@ class Authenticator:
                 reason="RATE_LIMITED",
             )
 
-    def admit(self, api_key: str | None, authorization: str | None, scope: str | None) -> Principal:
+    async def admit(self, api_key: str | None, authorization: str | None, scope: str | None) -> Principal:
         principal = self.authenticate(api_key, authorization)
         self.authorize(principal, scope)
-        self.limit(principal)
+        await self.limit(principal)
         principal_var.set(principal)
         return principal
 
@@ -325,14 +489,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._cache[method] = (handler, wrapped)
         return wrapped
 
-    def _check(self, context: grpc.aio.ServicerContext, scope: str | None) -> None:
+    async def _check(self, context: grpc.aio.ServicerContext, scope: str | None) -> None:
         api_key = authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == API_KEY_HEADER:
                 api_key = str(value)
             elif key == AUTHORIZATION:
                 authorization = str(value)
-        self._auth.admit(api_key, authorization, scope)
+        await self._auth.admit(api_key, authorization, scope)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, scope: str | None) -> grpc.RpcMethodHandler:
         check = self._check
@@ -341,7 +505,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                check(context, scope)
+                await check(context, scope)
                 result = inner(request, context)
                 return await result if inspect.isawaitable(result) else result
 
@@ -354,7 +518,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            check(context, scope)
+            await check(context, scope)
             result = inner_stream(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:

@@ -206,7 +206,9 @@ class Bridge:
         self, request: web.Request, route: Route, variables: dict[str, str], headers: dict[str, str]
     ) -> web.StreamResponse:
         info = route.method
-        self.auth.admit(request.headers.get(API_KEY_HEADER), request.headers.get("Authorization"), info.scope)
+        await self.auth.admit(
+            request.headers.get(API_KEY_HEADER), request.headers.get("Authorization"), info.scope
+        )
         if self._in_flight >= self.settings.max_concurrent_calls:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -113,6 +113,15 @@ class GatewaySettings(RuntimeSettings):
     jwt_leeway_s: float = Field(30.0, ge=0, le=3600)
     rate_limit_per_s: float = Field(50.0, gt=0, le=1_000_000, description="Default per principal.")
     rate_limit_burst: float = Field(100.0, ge=1, le=10_000_000)
+    rate_limit_replicas: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="Gateway replicas expected; while Redis is unreachable each allows 1/N of every rate.",
+    )
+    rate_limit_timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Longest a rate-limit check waits for Redis before deciding locally."
+    )
     keys_reload_s: float = Field(5.0, gt=0, le=3600, description="How often the keys file is re-read.")
 
     @model_validator(mode="before")

@@ -63,3 +63,13 @@ class GatewayMetrics:
             ("principal",),
             registry=r,
         )
+        self.rate_limit_shared = Gauge(
+            "gateway_rate_limit_shared",
+            "1 while rate limits are global (buckets in Redis), 0 while this replica limits alone.",
+            registry=r,
+        )
+        self.rate_limit_fallback = Counter(
+            "gateway_rate_limit_fallback",
+            "Rate-limit checks decided by this replica's own bucket because Redis did not answer.",
+            registry=r,
+        )

@@ -41,7 +41,12 @@ class Gateway:
         self.routes = RouteTable.load()
         self.metrics = GatewayMetrics(runtime.metrics.registry)
         self.backends = BackendPool(settings, self.routes, self.metrics)
-        self.auth = Authenticator(settings, self.metrics)
+        # Shared backend: per-principal buckets in Redis, so the rate limit holds across gateway replicas.
+        redis = None
+        if settings.state_backend == "shared":
+            redis = runtime.redis(asyncio=True)
+            runtime.redis()  # a blocking client for the runtime's health check (gateway.redis)
+        self.auth = Authenticator(settings, self.metrics, redis=redis)
         self.aggregator = Aggregator(settings, self.routes, self.backends, self.metrics)
         self.servicer = GatewayServicer(self.aggregator)
         self.interceptors = (AuthInterceptor(self.auth, self._scope_of),)
@@ -81,3 +86,4 @@ class Gateway:
     async def stop(self) -> None:
         await self.bridge.stop()
         await self.backends.close()
+        await self.auth.close()

@@ -1,8 +1,11 @@
-"""Chat settings (``CBEC_*``): where state lives, the LLM backend, sessions, limits, the sentiment link."""
+"""Chat settings (``CBEC_*``): the LLM backend, sessions, limits, the sentiment link.
+
+State follows the runtime's settings: the store ``chat`` (``CBEC_STATE_DIR/chat.sqlite3`` embedded, or the
+shared PostgreSQL + Redis of ``CBEC_STATE_BACKEND=shared``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -12,9 +15,6 @@ from services.runtime.config import RuntimeSettings
 
 class ChatSettings(RuntimeSettings):
     service: str = "chat"
-    data_dir: Path = Field(
-        Path("var/chat"), description="SQLite state: knowledge base, sessions, demo orders."
-    )
     # LLM backend. gguf: llama.cpp via xllamacpp (empty path = the packaged SmolLM2-135M-Instruct);
     # hf: a Hugging Face causal-LM directory (torch, on the runtime's device); none: article answers only.
     llm_backend: Literal["gguf", "hf", "none"] = "gguf"
@@ -42,7 +42,8 @@ class ChatSettings(RuntimeSettings):
     max_message_chars: int = Field(4000, ge=16, le=1_000_000)
     max_articles_per_upsert: int = Field(500, ge=1, le=100_000)
     max_article_chars: int = Field(20_000, ge=100, le=10_000_000)
-    # Sentiment service for anger detection (degrades to a local heuristic when unreachable).
-    sentiment_addr: str = "127.0.0.1:50053"
+    # Sentiment service for anger detection (degrades to a local heuristic when unreachable); in a
+    # cluster the chart sets CBEC_SENTIMENT_ADDR to the sentiment Service.
+    sentiment_addr: str = Field("127.0.0.1:50053", description="host:port of the sentiment service.")
     sentiment_timeout_s: float = Field(0.3, gt=0, le=30)
     sentiment_retry_after_s: float = Field(15.0, ge=0, le=3600)

@@ -1,6 +1,10 @@
 """``make run`` preparation: the knowledge base, demo orders and a default model, skipping what exists.
 
-    python -m services.chat.defaults     # honours CBEC_MODELS_DIR and CBEC_DATA_DIR
+    python -m services.chat.defaults     # honours CBEC_MODELS_DIR and the CBEC_STATE_* settings
+
+It writes into the configured store, whichever it is: the embedded file under ``CBEC_STATE_DIR``, or the
+shared PostgreSQL with ``CBEC_STATE_BACKEND=shared`` (so a Job in the cluster seeds what every replica
+serves; the replicas rebuild their indexes on the upsert's notification).
 
 The demo orders are invented by the project (users ``u-1001`` to ``u-1003``) so the order actions can be
 tried: e.g. user ``u-1001`` asking "where is CB-100231?".
@@ -14,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from services.runtime.config import load_settings
+from services.runtime.state import StateConfig
 
 from .config import ChatSettings
 from .knowledge import Embedder, embed_missing, packaged_articles
@@ -140,9 +145,9 @@ def seed_knowledge(store: ChatStore, embedder: Embedder) -> int:
     return len(todo)
 
 
-def prepare(models_dir: Path, data_dir: Path) -> None:
+def prepare(models_dir: Path, state: StateConfig) -> None:
     embedder = Embedder()
-    store = ChatStore(data_dir / "chat.sqlite")
+    store = ChatStore.open(state)
     try:
         written = seed_knowledge(store, embedder)
         store.put_orders(DEMO_ORDERS)
@@ -152,14 +157,14 @@ def prepare(models_dir: Path, data_dir: Path) -> None:
     if current_version_matches(models_dir):
         print("chat: default model is up to date")
         return
-    version = train(models_dir, data_dir, embedder)
+    version = train(models_dir, state, embedder)
     print(f"chat: trained model version {version}")
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings(ChatSettings, "chat")
-    prepare(settings.models_dir, settings.data_dir)
+    prepare(settings.models_dir, StateConfig.from_settings(settings))
 
 
 if __name__ == "__main__":

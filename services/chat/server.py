@@ -46,7 +46,14 @@ from .llm import GenerationError, GenerationStats, LLMBackend
 from .model import ChatModel, llm_from_settings, load_chat_model
 from .product_copy import COPY_SYSTEM_PROMPT, ProductFacts, build_template, validate_copy_request
 from .sentiment import SentimentClient
-from .store import ArticleRecord, ChatStore, SessionRecord, TurnRecord, valid_session_id
+from .store import (
+    ARTICLES_CHANNEL,
+    ArticleRecord,
+    ChatStore,
+    SessionRecord,
+    TurnRecord,
+    valid_session_id,
+)
 from .text import LanguageDetector, mask_pii, order_ids
 
 log = logging.getLogger("cbec.chat")
@@ -58,6 +65,9 @@ ANSWER_SOURCES = {
     HANDOFF: chat_pb2.ANSWER_SOURCE_HANDOFF,
 }
 _DONE = object()
+#: Safety re-check of the knowledge revision (notifications make changes visible within milliseconds).
+INDEX_RECHECK_S = 30.0
+INDEX_RETRY_S = 2.0
 
 
 class MaskingFilter(logging.Filter):
@@ -93,10 +103,18 @@ class ChatService:
             settings = ChatSettings(**settings.model_dump())
         self.settings: ChatSettings = settings
         self.device = runtime.device
-        self.store = ChatStore(Path(settings.data_dir) / "chat.sqlite")
+        # Embedded: sessions in the SQLite file; shared: sessions in Redis, the rest in PostgreSQL.
+        redis = runtime.redis() if runtime.state.shared else None
+        self.store = ChatStore(runtime.database("chat"), redis)
         self.embedder = Embedder(settings.embed_threads)
         self.detector = LanguageDetector()
-        self.index = HybridIndex(self.store.articles())
+        self._index_lock = threading.Lock()
+        self._index_rev = -1
+        self._index_wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.index = HybridIndex([])
+        self._refresh_index()
+        self.store.db.listen(ARTICLES_CHANNEL, self._on_articles_changed)
         self.slot: ModelSlot[ChatModel] = runtime.model_slot(self._load)
         self.embed_batcher = runtime.batcher(self._embed_batch, "chat-embed")
         self.sentiment = SentimentClient(
@@ -106,6 +124,8 @@ class ChatService:
         self._llm_in_use = 0
         self._upsert_lock = asyncio.Lock()
         self._purge_task: asyncio.Task[None] | None = None
+        self._index_task: asyncio.Task[None] | None = None
+        self._late_writes: set[asyncio.Future[None]] = set()
         self.generations: deque[GenerationStats] = deque(maxlen=256)
         r = runtime.metrics.registry
         self.m_answers = Counter(
@@ -135,16 +155,62 @@ class ChatService:
         return list(self.embedder.query(texts))
 
     async def start(self) -> None:
-        self._purge_task = asyncio.get_running_loop().create_task(self._purge_loop())
+        loop = asyncio.get_running_loop()
+        self._index_wake = asyncio.Event()
+        self._index_wake.set()  # catch up on anything upserted since __init__ built the index
+        self._loop = loop
+        self._purge_task = loop.create_task(self._purge_loop())
+        self._index_task = loop.create_task(self._index_loop())
 
     async def stop(self) -> None:
-        if self._purge_task is not None:
-            self._purge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purge_task
+        self._loop = None
+        for task in (self._purge_task, self._index_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._late_writes:
+            await asyncio.gather(*list(self._late_writes), return_exceptions=True)
         await self.sentiment.close()
         self._llm_pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+
+    # --- knowledge index ------------------------------------------------------------------------
+    def _refresh_index(self) -> bool:
+        """Rebuild the retrieval index from the store if its revision moved; the one path for this
+        replica's upserts and every other replica's. Returns whether it rebuilt."""
+        with self._index_lock:
+            rev = self.store.articles_revision()  # read before the articles: never older than them
+            if rev == self._index_rev:
+                return False
+            self.index = HybridIndex(self.store.articles())
+            self._index_rev = rev
+        log.info("knowledge index rebuilt", extra={"chat_revision": str(rev)})
+        return True
+
+    def _on_articles_changed(self, payload: str | None) -> None:
+        """An upsert committed somewhere (or the listener reconnected: None): wake the index loop.
+        Called from the listener's thread, so it only schedules."""
+        loop, wake = self._loop, self._index_wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+
+    async def _index_loop(self) -> None:
+        """Coalesces bursts of notifications into one rebuild; re-checks the revision now and then
+        in case a notification was lost, and soon after a failure (store down)."""
+        assert self._index_wake is not None
+        delay = INDEX_RECHECK_S
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._index_wake.wait(), delay)
+            self._index_wake.clear()
+            try:
+                await asyncio.to_thread(self._refresh_index)
+                delay = INDEX_RECHECK_S
+            except Exception as exc:
+                log.warning("knowledge index refresh failed: %s", exc)
+                delay = INDEX_RETRY_S
 
     async def _purge_loop(self) -> None:
         while True:
@@ -182,6 +248,7 @@ class ChatService:
         return market
 
     def _session(self, request: chat_pb2.ConverseRequest) -> SessionRecord:
+        """Blocking (store I/O): run it in a thread."""
         if not request.session_id:
             return self.store.create_session(request.user_id, self.settings.session_ttl_s)
         session = self.store.get_session(request.session_id)
@@ -196,7 +263,7 @@ class ChatService:
         market = self._validate_converse(request)
         loaded = self.slot.require()
         model = loaded.model
-        session = self._session(request)
+        session = await asyncio.to_thread(self._session, request)
         masked = mask_pii(request.message)
         vec, mood = await asyncio.gather(
             self.embed_batcher.submit(masked, time_remaining=context.time_remaining()),
@@ -206,7 +273,8 @@ class ChatService:
         history_ids = [
             oid for t in session.turns if t.role == chat_pb2.ROLE_CUSTOMER for oid in order_ids(t.text)
         ]
-        p = plan(u, model, mood, self.store, request.user_id, market, history_ids)
+        # plan() may read orders or open a return: store I/O, so off the event loop.
+        p = await asyncio.to_thread(plan, u, model, mood, self.store, request.user_id, market, history_ids)
         log.info(
             "converse",
             extra={
@@ -223,7 +291,7 @@ class ChatService:
             p.answer_source, p.text = ARTICLE, article_text(p.article)
         parts: list[str] = []
         first = True
-        finished = False
+        recorded = False
         try:
             if p.answer_source == LLM and model.llm is not None:
                 try:
@@ -249,7 +317,10 @@ class ChatService:
                     yield chat_pb2.ConverseResponse(delta=piece)
             answer = "".join(parts)
             now = time.time()
-            expires = self.store.append_turns(
+            recorded = True  # from here a failure is the store's: the client gets UNAVAILABLE, no result
+            # Durable (transcript committed) before the result chunk acknowledges the turn.
+            expires = await asyncio.to_thread(
+                self.store.append_turns,
                 session.session_id,
                 [
                     TurnRecord(chat_pb2.ROLE_CUSTOMER, masked, p.intent, now),
@@ -257,21 +328,38 @@ class ChatService:
                 ],
                 self.settings.session_max_turns,
                 self.settings.session_ttl_s,
+                user_id=session.user_id,
             )
-            finished = True
             self.m_answers.labels(p.answer_source).inc()
             if p.handoff:
                 self.m_handoffs.inc()
             yield chat_pb2.ConverseResponse(result=self._result(session, p, answer, loaded.manifest, expires))
         finally:
-            if not finished:  # client left or the call failed: keep the question, not a half answer
-                with contextlib.suppress(Exception):
-                    self.store.append_turns(
-                        session.session_id,
-                        [TurnRecord(chat_pb2.ROLE_CUSTOMER, masked, p.intent, time.time())],
-                        self.settings.session_max_turns,
-                        self.settings.session_ttl_s,
-                    )
+            if not recorded:  # client left or generation failed: keep the question, not a half answer
+                self._record_late(
+                    session.session_id,
+                    TurnRecord(chat_pb2.ROLE_CUSTOMER, masked, p.intent, time.time()),
+                    session.user_id,
+                )
+
+    def _record_late(self, session_id: str, turn: TurnRecord, user_id: str) -> None:
+        """Best effort, in a thread (a cancelled handler must not block the loop or await)."""
+
+        def write() -> None:
+            try:
+                self.store.append_turns(
+                    session_id,
+                    [turn],
+                    self.settings.session_max_turns,
+                    self.settings.session_ttl_s,
+                    user_id=user_id,
+                )
+            except Exception as exc:
+                log.warning("could not record an unanswered question: %s", exc)
+
+        future = asyncio.get_running_loop().run_in_executor(None, write)
+        self._late_writes.add(future)
+        future.add_done_callback(self._late_writes.discard)
 
     def _result(
         self, session: SessionRecord, p: Plan, answer: str, manifest: Manifest, expires: float
@@ -349,7 +437,7 @@ class ChatService:
         self, request: chat_pb2.GetSessionRequest, context: Any
     ) -> chat_pb2.GetSessionResponse:
         self._check_session_id(request.session_id)
-        session = self.store.get_session(request.session_id)
+        session = await asyncio.to_thread(self.store.get_session, request.session_id)
         if session is None:
             raise NotFound(f"session {request.session_id} does not exist or has expired")
         return chat_pb2.GetSessionResponse(
@@ -369,7 +457,8 @@ class ChatService:
         self, request: chat_pb2.EndSessionRequest, context: Any
     ) -> chat_pb2.EndSessionResponse:
         self._check_session_id(request.session_id)
-        return chat_pb2.EndSessionResponse(ended=self.store.end_session(request.session_id))
+        ended = await asyncio.to_thread(self.store.end_session, request.session_id)
+        return chat_pb2.EndSessionResponse(ended=ended)
 
     # --- knowledge ------------------------------------------------------------------------------
     async def upsert_knowledge(
@@ -402,7 +491,8 @@ class ChatService:
             async with self._upsert_lock:
                 await asyncio.to_thread(embed_missing, accepted, self.embedder)
                 await asyncio.to_thread(self.store.upsert_articles, accepted)  # persisted before it is served
-                self.index = await asyncio.to_thread(HybridIndex, self.store.articles())
+                # The same rebuild every other replica does on the notification, here before replying.
+                await asyncio.to_thread(self._refresh_index)
             log.info("knowledge upserted", extra={"chat_upserted": str(len(accepted))})
         return chat_pb2.UpsertKnowledgeResponse(upserted_count=len(accepted), rejected=rejected)
 

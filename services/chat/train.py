@@ -2,7 +2,12 @@
 classifier and the hand-off threshold on the development set (never on the evaluation set), and write
 the version atomically into the model store with its development metrics.
 
-    python -m services.chat.train [--models-dir models] [--data-dir var/chat]
+    python -m services.chat.train [--models-dir DIR] [--seed]
+
+The knowledge base is read from the configured store (``CBEC_STATE_*``: the embedded file under
+``CBEC_STATE_DIR`` or the shared PostgreSQL), so a training Job in the cluster trains on what is served.
+``--seed`` first writes the packaged articles that are missing or changed into that store (never over an
+article replaced through UpsertKnowledge), so a Job can prepare an empty shared store itself.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from services.runtime.config import load_settings
 from services.runtime.model_store import ModelStore, fingerprint
+from services.runtime.state import StateConfig
 
+from .config import ChatSettings
 from .evaluate import DEV_FILE, embed_questions, evaluate, load_questions
 from .index import HybridIndex, RetrievalParams
 from .intent import EXAMPLES_FILE, IntentModel, IntentParams, load_examples
@@ -105,15 +113,16 @@ def write_version(
     return manifest.version
 
 
-def train(models_dir: Path, data_dir: Path, embedder: Embedder | None = None) -> str:
+def train(models_dir: Path, state: StateConfig, embedder: Embedder | None = None) -> str:
     embedder = embedder or Embedder()
-    store = ChatStore(data_dir / "chat.sqlite")
+    store = ChatStore.open(state)
     try:
         articles = store.articles()
     finally:
         store.close()
     if not articles:
-        raise RuntimeError(f"the knowledge base in {data_dir} is empty: run python -m services.chat.defaults")
+        where = "the shared store" if state.shared else str(state.state_dir)
+        raise RuntimeError(f"the knowledge base in {where} is empty: run python -m services.chat.defaults")
     index = HybridIndex(articles)
     examples = load_examples()
     intent = build_intent_model(examples, embedder)
@@ -140,11 +149,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--data-dir", type=Path, default=Path("var/chat"))
+    parser.add_argument("--models-dir", type=Path, default=None, help="default: CBEC_MODELS_DIR")
+    parser.add_argument("--seed", action="store_true", help="seed the packaged knowledge base first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(train(args.models_dir, args.data_dir))
+    settings = load_settings(ChatSettings, "chat")
+    state = StateConfig.from_settings(settings)
+    embedder = Embedder()
+    if args.seed:
+        from .defaults import seed_knowledge  # defaults imports this module
+
+        store = ChatStore.open(state)
+        try:
+            log.info("seeded %d articles", seed_knowledge(store, embedder))
+        finally:
+            store.close()
+    print(train(args.models_dir or settings.models_dir, state, embedder))
 
 
 if __name__ == "__main__":

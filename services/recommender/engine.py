@@ -3,7 +3,13 @@
 The model version (``Bundle``) is immutable. What changes at run time lives in the event store
 and is mirrored here: interactions recorded after training (so the next ``Recommend`` reflects
 them), items upserted after training (recommendable at once through their text), and erased
-users. ``sync()`` catches up with the store, so a freshly loaded version replays what it misses.
+users. ``catch_up()`` folds in whatever the store holds past this engine's positions, whichever
+replica wrote it: the server runs it when the store's change feed says something was written (its
+own writes included) and at load, so a freshly loaded version replays what it misses. Serving
+never reads the store, so it goes on from memory while the store is down.
+
+Thread safety: fold-in runs on worker threads, serving on the event loop. ``lock`` guards the
+mutable serving state; the store is read outside it and each batch is applied under it.
 
 Strategies:
 - no history at all: market-aware popularity (COLD_START);
@@ -17,7 +23,9 @@ Strategies:
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,9 +34,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from services.runtime.state import StoreUnavailable
+
 from .bundle import ALL_MARKETS, MAX_MARKETS, Bundle
-from .data import EVENT_WEIGHTS, TYPE_NAMES
-from .events import Event, EventStore
+from .data import EVENT_WEIGHTS, TYPE_NAMES, user_hash
+from .events import Event, EventStore, StoredItem
 from .models import VectorModel
 from .models.hybrid import Hybrid
 from .settings import RecommenderSettings
@@ -36,6 +46,8 @@ from .settings import RecommenderSettings
 MARKET_RE = re.compile(r"^[A-Z]{2}$")
 PERSONALISED, COLD_START, CONTENT, HYBRID = "personalised", "cold_start", "content", "hybrid"
 _VECTOR_CACHE_MAX = 200_000
+FOLD_BATCH = 5000  # events read and applied per step of a catch-up
+log = logging.getLogger("cbec.recommender.engine")
 
 
 class UnknownFilter(ValueError):
@@ -138,9 +150,14 @@ class Engine:
             emb=np.zeros((0, bundle.content.shape[1] if bundle.content is not None else 384), np.float32)
         )
         self._owned: set[str] = set()  # arrays copied on first write
+        # Read positions in the store's three logs: everything up to them is folded in here.
         self.applied_seq = bundle.events_seq
         self.items_seq = 0
-        self.forgotten_version = -1
+        self.forgotten_seq = store.forgotten_seq  # erasures before it: their events are already gone
+        self.lock = threading.RLock()  # serving state (below) vs fold-in threads
+        self._fold_lock = threading.Lock()  # one catch-up at a time
+        self._live_hash: dict[str, str] = {}  # user_hash -> id of users with live events
+        self._bundle_hashes: tuple[np.ndarray, np.ndarray] | None = None  # (hash prefixes, rows)
         self.extra: dict[str, dict[int, float]] = {}
         self.user_market: dict[str, str] = {}
         self.vectors: dict[str, np.ndarray] = {}
@@ -152,19 +169,58 @@ class Engine:
         if self.vector_model is not None:
             self.vector_model._gram()  # fold-in's Y'Y, computed once at load rather than on a request
         self.strategy_name = HYBRID if isinstance(model, Hybrid) else PERSONALISED
-        self.sync()
+        try:
+            self.catch_up()
+        except StoreUnavailable as exc:  # serve what the bundle knows; the change feed catches up later
+            log.warning("store unavailable at load; folding in later", extra={"error": str(exc)[:200]})
 
     # --- catching up with the store ---------------------------------------------------------------
-    def sync(self) -> None:
+    def catch_up(self, until: int | None = None) -> int:
+        """Fold in erasures, upserted items and interactions past this engine's positions, from any
+        replica; returns how many events were applied. Each step reads erasures, then events, then
+        items (an event's item was committed before it), and applies them in the order erasures,
+        items, events. ``until``: nothing to do if events up to this seq are folded in already (a
+        concurrent catch-up covered them). Raises StoreUnavailable when the store cannot be read."""
+        applied = 0
         store = self.store
-        if store.items_seq != self.items_seq:
-            self._load_items()
-        if store.forgotten_version != self.forgotten_version:
-            self.forgotten_version = store.forgotten_version
-            for uid in [u for u in self.vectors if store.is_forgotten(u)]:
-                self.vectors.pop(uid, None)
-        if store.last_seq > self.applied_seq:
-            self.apply(store.events_since(self.applied_seq))
+        with self._fold_lock:
+            while until is None or self.applied_seq < until:
+                # Seqs known committed before these reads: a read then sees every row up to them
+                # (writers commit in seq order), so positions may pass rows an erasure deleted.
+                events_known, items_known = store.last_seq, store.items_seq
+                store.refresh_forgotten()
+                hashes, forgotten_seq = store.forgotten_after(self.forgotten_seq)
+                events = store.events_since(self.applied_seq, limit=FOLD_BATCH)
+                fresh = store.items(since=self.items_seq)
+                rows = self._bundle_rows(hashes) if hashes else {}
+                done = len(events) < FOLD_BATCH
+                with self.lock:
+                    for h in hashes:
+                        self._forget_hash(h, rows.get(h, -1))
+                    self.forgotten_seq = max(self.forgotten_seq, forgotten_seq)
+                    if fresh:
+                        self._load_items(fresh)
+                    self.items_seq = max(self.items_seq, items_known)
+                    self.apply(events)
+                    if done:
+                        self.applied_seq = max(self.applied_seq, events_known)
+                applied += len(events)
+                if done:
+                    break
+        return applied
+
+    def behind(self) -> bool:
+        """Whether the store is known to hold writes this engine has not folded in (no I/O)."""
+        store = self.store
+        return (
+            self.applied_seq < store.last_seq
+            or self.items_seq < store.items_seq
+            or self.forgotten_seq < store.forgotten_known
+        )
+
+    def sync(self) -> None:
+        """Old name of ``catch_up``."""
+        self.catch_up()
 
     def _own(self, name: str) -> None:
         if name not in self._owned:
@@ -192,10 +248,9 @@ class Engine:
             value |= int(self.market_bit[m])
         return value
 
-    def _load_items(self) -> None:
+    def _load_items(self, fresh: list[StoredItem]) -> None:
         """Apply upserted items: new ones become columns after the catalogue; known ones change."""
-        fresh = self.store.items(since=self.items_seq)
-        self.items_seq = max([self.store.items_seq, *(s.seq for s in fresh)])
+        self.items_seq = max([self.items_seq, *(s.seq for s in fresh)])
         added: list[np.ndarray] = []
         for stored in fresh:
             body = stored.body
@@ -245,7 +300,7 @@ class Engine:
         return str(self.b.catalogue.item_ids[col]) if col < self.n_main else self.new.ids[col - self.n_main]
 
     def apply(self, events: list[Event]) -> None:
-        """Mirror stored events (already durable) into the serving state."""
+        """Mirror stored events (already durable) into the serving state (under ``lock``)."""
         for e in events:
             if e.seq and e.seq <= self.applied_seq:
                 continue
@@ -254,6 +309,8 @@ class Engine:
             if col < 0:
                 continue
             w = EVENT_WEIGHTS.get(TYPE_NAMES.get(e.type, "view"), 1.0)
+            if e.user_id not in self.extra:  # so an erasure (known by hash only) finds the id
+                self._live_hash[user_hash(e.user_id)] = e.user_id
             mine = self.extra.setdefault(e.user_id, {})
             mine[col] = mine.get(col, 0.0) + w
             if e.market:
@@ -267,10 +324,19 @@ class Engine:
 
     def forget(self, user_id: str) -> None:
         """Drop the user's live state and trained vector (the store has deleted their events)."""
-        self.extra.pop(user_id, None)
-        self.user_market.pop(user_id, None)
-        self.vectors.pop(user_id, None)
-        pos = self._user_loc.get(user_id, -1)
+        with self.lock:
+            self._forget_hash(user_hash(user_id), self._user_loc.get(user_id, -1), user_id)
+
+    def _forget_hash(self, hashed: str, pos: int, user_id: str | None = None) -> None:
+        """Drop the live state of the user with this hash (an erasure from the store's log) and zero
+        their trained vector (``pos``: their training row, -1 if none)."""
+        ids = {self._live_hash.pop(hashed, None), user_id}
+        if pos >= 0:
+            ids.add(str(self.b.users[pos]))
+        for uid in ids - {None}:
+            self.extra.pop(uid, None)  # type: ignore[arg-type]
+            self.user_market.pop(uid, None)  # type: ignore[arg-type]
+            self.vectors.pop(uid, None)  # type: ignore[arg-type]
         if pos >= 0:
             models = (
                 list(self.b.model.components.values()) if isinstance(self.b.model, Hybrid) else [self.b.model]
@@ -278,7 +344,29 @@ class Engine:
             for m in models:
                 if isinstance(m, VectorModel) and m.user_factors is not None:
                     m.user_factors[pos] = 0.0
-        self.forgotten_version = -1  # re-check caches at the next sync
+
+    def _bundle_rows(self, hashes: list[str]) -> dict[str, int]:
+        """Training rows of the users with these hashes. The hash index over the training users is
+        built on the first erasure this version sees (8-byte prefixes, sorted: 16 bytes a user)."""
+        users = self.b.users
+        if self._bundle_hashes is None:
+            prefixes = np.fromiter(
+                (int(user_hash(str(u))[:16], 16) for u in users.tolist()), dtype=np.uint64, count=len(users)
+            )
+            order = np.argsort(prefixes, kind="stable")
+            self._bundle_hashes = (prefixes[order], order)
+        prefixes, order = self._bundle_hashes
+        out: dict[str, int] = {}
+        for h in hashes:
+            key = np.uint64(int(h[:16], 16))
+            i = int(np.searchsorted(prefixes, key))
+            while i < len(prefixes) and prefixes[i] == key:
+                row = int(order[i])
+                if user_hash(str(users[row])) == h:
+                    out[h] = row
+                    break
+                i += 1
+        return out
 
     # --- users -------------------------------------------------------------------------------------
     def user_row(self, user_id: str) -> int:
@@ -393,7 +481,19 @@ class Engine:
         include_seen: bool,
         explain: bool,
     ) -> tuple[list[ResultItem], str]:
-        self.sync()
+        with self.lock:
+            return self._recommend(user_id, k, market, categories, exclude_ids, include_seen, explain)
+
+    def _recommend(
+        self,
+        user_id: str,
+        k: int,
+        market: str,
+        categories: list[str],
+        exclude_ids: list[str],
+        include_seen: bool,
+        explain: bool,
+    ) -> tuple[list[ResultItem], str]:
         f = self.resolve_filters(market, categories, exclude_ids, "filters.categories")
         st = self.history(user_id)
         touched = st.touched
@@ -586,7 +686,12 @@ class Engine:
         self, item_id: str, k: int, market: str, categories: list[str], source: str
     ) -> list[ResultItem] | None:
         """``source``: collaborative | content | blended. None when the item is unknown."""
-        self.sync()
+        with self.lock:
+            return self._similar(item_id, k, market, categories, source)
+
+    def _similar(
+        self, item_id: str, k: int, market: str, categories: list[str], source: str
+    ) -> list[ResultItem] | None:
         col = self.col_of(item_id)
         if col < 0:
             return None

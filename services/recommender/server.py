@@ -3,7 +3,14 @@
 Requests are validated field by field (INVALID_ARGUMENT with every violation); in
 ``RecordInteractions`` and ``UpsertItems`` bad entries are rejected one by one with reasons and the
 good ones in the same call are kept. Accepted events are committed to the event store before the
-call returns, then mirrored into the serving engine, so the very next ``Recommend`` reflects them.
+call returns (UNAVAILABLE with RetryInfo when the store is down; nothing acknowledged is lost).
+
+Every replica folds in every write the same way, its own included: the store notifies a change
+(LISTEN/NOTIFY on the shared PostgreSQL, in-process for the embedded file), the ``ChangeFeed`` wakes
+and the serving engine reads what came after its positions (``Engine.catch_up``, on a worker
+thread). A replica's own write also runs that catch-up before the call returns, so the very next
+``Recommend`` on it reflects the write; other replicas follow within milliseconds. ``Recommend`` and
+``SimilarItems`` read memory only, so they keep serving while the store is down.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +34,12 @@ from services.runtime.admin import model_info
 from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation, raise_if, rejection
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
+from services.runtime.state import StoreUnavailable
 
 from .bundle import load_bundle
 from .embeddings import Embedder, EmbeddingCache, item_text
 from .engine import COLD_START, CONTENT, HYBRID, MARKET_RE, PERSONALISED, Engine, NoSignal, UnknownFilter
-from .events import Event, EventStore
+from .events import STORE_NAME, Event, EventStore
 from .settings import RecommenderSettings
 
 log = logging.getLogger("cbec.recommender")
@@ -156,12 +165,17 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         if n > limit:
             raise InvalidArgument([Violation("interactions", f"at most {limit} per call")])
         engine, _ = self._engine()
-        engine.sync()
         now = time.time()
+        with engine.lock:
+            unknown = any(engine.col_of(it.item_id) < 0 for it in request.interactions if it.item_id)
+        if unknown:  # an item upserted through another replica a moment ago: fold in, then judge
+            await self.svc.feed.catch_up_async()
+            engine, _ = self._engine()
         good: list[Event] = []
         rejected: list[common_pb2.ItemRejection] = []
-        for i, it in enumerate(request.interactions):
-            problems = self._check_interaction(it, engine, now)
+        with engine.lock:
+            checks = [self._check_interaction(it, engine, now) for it in request.interactions]
+        for i, (it, problems) in enumerate(zip(request.interactions, checks, strict=True)):
             if problems:
                 rejected.append(
                     rejection(i, [Violation(f"interactions[{i}].{name}", text) for name, text in problems])
@@ -175,10 +189,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             rating = float(it.rating) if it.type == pb.INTERACTION_TYPE_RATING else None
             good.append(Event(it.user_id, it.item_id, int(it.type), rating, occurred, it.market))
         if good:
-            await asyncio.to_thread(self.svc.store.append, good)  # durable before we answer
-            current = self.svc.slot.current
-            if current is not None:
-                current.model.sync()
+            seqs = await asyncio.to_thread(self.svc.store.append, good)  # durable before we answer
+            await self.svc.feed.catch_up_async(seqs[-1])  # the path every replica's write takes
         return pb.RecordInteractionsResponse(accepted_count=len(good), rejected=rejected)
 
     @staticmethod
@@ -217,7 +229,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             raise InvalidArgument([Violation("items", "must not be empty")])
         if n > limit:
             raise InvalidArgument([Violation("items", f"at most {limit} per call")])
-        engine, _ = self._engine()
+        self._engine()  # FAILED_PRECONDITION until a model serves
         rejected: list[common_pb2.ItemRejection] = []
         good: list[pb.Item] = []
         for i, item in enumerate(request.items):
@@ -243,7 +255,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
                     body["price"] = {"currency_code": it.price.currency_code, "amount": it.price.amount}
                 rows.append((it.item_id, body, vec))
             await asyncio.to_thread(self.svc.store.upsert_items, rows)
-            engine.sync()
+            await self.svc.feed.catch_up_async()
         return pb.UpsertItemsResponse(upserted_count=len(good), rejected=rejected)
 
     @staticmethod
@@ -272,11 +284,93 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         if v := _id_violation(request.user_id, "user_id"):
             raise InvalidArgument([v])
         deleted = await asyncio.to_thread(self.svc.store.forget, request.user_id)
-        current = self.svc.slot.current
-        if current is not None:
-            current.model.forget(request.user_id)
+        await self.svc.feed.catch_up_async()  # drops the user's live state, as on every replica
         log.info("user erased", extra={"events_deleted": deleted})
         return pb.ForgetUserResponse(events_deleted=deleted)
+
+
+class ChangeFeed:
+    """Folds every write, from any replica, into the engine that serves.
+
+    The store's change notifications (and this replica's own writes) wake one worker thread, which
+    runs ``Engine.catch_up``: reads ``seq > last`` through the logs' indexes, never whole tables.
+    Besides, every ``tick_s`` it checks in memory whether the engine is behind what notifications
+    announced or was just swapped for a new model version, and every ``check_s`` it re-reads the
+    logs anyway in case a notification was lost. A store that is down is retried with a backoff
+    while serving goes on from memory.
+    """
+
+    def __init__(self, store: EventStore, slot: ModelSlot[Engine], check_s: float, tick_s: float = 0.5):
+        self.store = store
+        self.slot = slot
+        self.check_s = check_s
+        self.tick_s = tick_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.store.follow(self._notified)
+        self._thread = threading.Thread(target=self._run, name="recommender-fold-in", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _notified(self, channel: str, payload: str | None) -> None:
+        self._wake.set()  # runs on the notifying thread: fold in on ours
+
+    def catch_up(self, until: int | None = None) -> None:
+        """Fold in now (on the calling thread; raises StoreUnavailable). ``until``: the seq of a write
+        that must be folded in (done already when a concurrent catch-up covered it)."""
+        current = self.slot.current
+        if current is not None:
+            current.model.catch_up(until)
+
+    async def catch_up_async(self, until: int | None = None) -> None:
+        """Fold in off the event loop; a store that went down meanwhile is left to the worker."""
+        try:
+            await asyncio.to_thread(self.catch_up, until)
+        except StoreUnavailable as exc:
+            log.warning("fold-in deferred: store unavailable", extra={"error": str(exc)[:200]})
+            self._wake.set()
+
+    def _run(self) -> None:
+        folded: Engine | None = None
+        last_read = time.monotonic()
+        retry = False
+        backoff = self.tick_s
+        while not self._stop.is_set():
+            woke = self._wake.wait(backoff if retry else self.tick_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            current = self.slot.current
+            if current is None:
+                continue
+            engine = current.model
+            due = (
+                woke
+                or retry
+                or engine is not folded
+                or engine.behind()
+                or time.monotonic() - last_read >= self.check_s
+            )
+            if not due:
+                continue
+            try:
+                engine.catch_up()
+                folded, last_read, retry, backoff = engine, time.monotonic(), False, self.tick_s
+            except StoreUnavailable as exc:
+                if not retry:
+                    log.warning("fold-in waiting for the store", extra={"error": str(exc)[:200]})
+                retry, backoff = True, min(backoff * 2, 5.0)
+            except Exception:
+                log.exception("fold-in failed")
+                retry, backoff = True, min(backoff * 2, 5.0)
 
 
 class RecommenderService:
@@ -288,9 +382,12 @@ class RecommenderService:
             settings = RecommenderSettings(**settings.model_dump())
         self.settings: RecommenderSettings = settings
         self.device = runtime.device
-        self.store = EventStore(settings.events_path, settings.events_synchronous)
+        # The system of record: <state dir>/recommender.sqlite3, or the shared PostgreSQL.
+        db = runtime.database(STORE_NAME, settings.events_synchronous)
+        self.store = EventStore(db, tolerate_outage=True)
         self.embedder = Embedder(EmbeddingCache(settings.embeddings_cache))
         self.slot: ModelSlot[Engine] = runtime.model_slot(self._load)
+        self.feed = ChangeFeed(self.store, self.slot, settings.fold_in_check_s)
         import faiss
 
         faiss.omp_set_num_threads(settings.faiss_threads)
@@ -303,8 +400,9 @@ class RecommenderService:
         recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(self), server)
 
     async def start(self) -> None:
-        return None
+        self.feed.start()
 
     async def stop(self) -> None:
-        self.store.close()
+        await asyncio.to_thread(self.feed.stop)
+        self.store.close()  # the runtime closes the database itself
         self.embedder.cache.close()

@@ -1,23 +1,37 @@
-"""Recommender settings: the runtime's ``CBEC_*`` settings plus the service's own."""
+"""Recommender settings: the runtime's ``CBEC_*`` settings plus the service's own.
+
+State lives where the runtime says (``CBEC_STATE_BACKEND``): the event store is the embedded SQLite
+file ``<CBEC_STATE_DIR>/recommender.sqlite3`` or the shared PostgreSQL. Nothing is written under the
+code or the models directory.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.runtime.config import RuntimeSettings
 
 
 class RecommenderSettings(RuntimeSettings):
-    events_path: Path = Field(
-        Path("data/recommender/events.sqlite3"), description="SQLite event store (RecordInteractions, items)."
-    )
     events_synchronous: Literal["FULL", "NORMAL"] = Field(
-        "FULL", description="FULL: durable against power loss; NORMAL: against a killed process only."
+        "FULL",
+        description="Embedded store: FULL is durable against power loss; NORMAL against a killed process.",
     )
-    embeddings_cache: Path = Path("data/recommender/embeddings.sqlite3")
+    embeddings_cache: Path | None = Field(
+        None,
+        description="Local cache of item text embeddings (a cache: safe to lose); "
+        "default <CBEC_STATE_DIR>/recommender/embeddings.sqlite3.",
+    )
+    fold_in_check_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="Safety re-read of the store's logs (seq > last) in case a change notification was "
+        "missed; notifications fold writes in within milliseconds.",
+    )
     max_k: int = Field(500, ge=1, le=10_000, description="Largest k a request may ask for.")
     max_interactions_per_call: int = Field(1000, ge=1, le=100_000)
     max_items_per_call: int = Field(256, ge=1, le=10_000)
@@ -30,3 +44,11 @@ class RecommenderSettings(RuntimeSettings):
     faiss_threads: int = Field(
         1, ge=1, le=256, description="OpenMP threads per search (1 suits many small calls)."
     )
+
+    @model_validator(mode="after")
+    def _embeddings_cache(self) -> RecommenderSettings:
+        if self.embeddings_cache is None:
+            self.embeddings_cache = (
+                self.state_dir.expanduser().absolute() / "recommender" / "embeddings.sqlite3"
+            )
+        return self

@@ -1,7 +1,10 @@
 """Training and evaluation pipeline (the seed's steps 1-5) as one command:
 
 1. load ANY interactions file (CSV / TSV / Parquet / the service's event store) and optional items
-   file, drop erased users, clean and de-duplicate;
+   file, drop erased users, clean and de-duplicate. ``store`` names the event store the ``CBEC_*``
+   settings point at, exactly as the server opens it: the embedded file in ``CBEC_STATE_DIR`` or the
+   shared PostgreSQL (``CBEC_STATE_BACKEND=shared``), so a training job in the cluster reads what
+   every replica recorded;
 2. build the sparse user x item matrix;
 3. split: random per-user holdout and temporal leave-last-out (k-fold on request);
 4. tune on a validation split carved from the training part (never the test part), train each
@@ -12,15 +15,17 @@
 
     python -m services.recommender.train --interactions ml-100k
     python -m services.recommender.train --interactions my.csv --items items.parquet --serve als
-    python -m services.recommender.train --interactions ml-100k --events data/recommender/events.sqlite3
+    python -m services.recommender.train --interactions ml-100k --events store
+    python -m services.recommender.train --interactions store --items items.parquet
 
-Retraining from the events of RecordInteractions is the same command (``--events``, or the event
-store as ``--interactions``).
+Retraining from the events of RecordInteractions is the same command (``--events store``, or the
+event store as ``--interactions``; a path to an embedded store file works as well).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -80,25 +85,76 @@ class Prepared:
     source: str = ""
 
 
+STORE = "store"  # --interactions/--events value: the event store the CBEC_* settings name
+
+
+def configured_store() -> EventStore:
+    """The event store the server uses, opened from the same ``CBEC_*`` settings."""
+    from services.runtime.config import load_settings
+    from services.runtime.state import StateConfig
+
+    from .settings import RecommenderSettings
+
+    settings = load_settings(RecommenderSettings, "recommender")
+    return EventStore.open(StateConfig.from_settings(settings), settings.events_synchronous)
+
+
+def _is_store_file(value: object) -> bool:
+    return isinstance(value, str | Path) and str(value).endswith((".sqlite3", ".sqlite", ".db"))
+
+
+def _read_store(source: EventStore | str | Path) -> tuple[pd.DataFrame, frozenset[str], list[Any], int, str]:
+    """Interactions, erasures, upserted items, the highest seq read and a content fingerprint of an
+    event store (a path: the embedded file; ``store``: the configured one; or an open store)."""
+    if isinstance(source, EventStore):
+        store, owned = source, False
+    elif str(source) == STORE:
+        store, owned = configured_store(), True
+    else:
+        if not Path(source).is_file():
+            raise D.DataError(f"{source}: no such file")
+        store, owned = EventStore(source), True
+    try:
+        # erasures first: a user erased while we read has no events left to read
+        store.refresh_forgotten()
+        forgotten = store.forgotten_hashes()
+        frame, seq = store.interactions_frame()
+        stored = store.items()
+    finally:
+        if owned:
+            store.close()
+    digest = hashlib.sha256()
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    digest.update("\n".join(sorted(forgotten)).encode())
+    for item in stored:
+        digest.update(f"{item.item_id}\0{json.dumps(item.body, sort_keys=True)}".encode())
+    return frame, forgotten, [(i.item_id, i.body) for i in stored], seq, digest.hexdigest()
+
+
 def prepare(
-    interactions: str | Path | pd.DataFrame,
+    interactions: str | Path | pd.DataFrame | EventStore,
     items: str | Path | pd.DataFrame | None = None,
-    events: str | Path | None = None,
+    events: str | Path | EventStore | None = None,
     min_user_interactions: int = 1,
 ) -> Prepared:
-    """Steps 1-2: load, drop erased users, clean, align the catalogue and build the id encoding."""
-    source = str(interactions) if not isinstance(interactions, pd.DataFrame) else "dataframe"
+    """Steps 1-2: load, drop erased users, clean, align the catalogue and build the id encoding.
+
+    ``interactions``: a file, ``ml-100k``, an event store (file, ``store`` or an EventStore) or a
+    frame; ``events``: an event store whose events are added and whose erasures are applied."""
+    source = "dataframe" if isinstance(interactions, pd.DataFrame) else str(interactions)
+    if isinstance(interactions, EventStore):
+        source = f"event store {interactions.db.dialect}"
     fingerprint_paths: list[Path] = []
-    store_paths = [Path(events)] if events else []
+    stores: list[EventStore | str | Path] = [events] if events is not None and events != "" else []
     base_raw: pd.DataFrame | None = None
     if isinstance(interactions, pd.DataFrame):
         base_raw = interactions
+    elif isinstance(interactions, EventStore) or str(interactions) == STORE or _is_store_file(interactions):
+        stores.insert(0, interactions)  # type: ignore[arg-type]
     elif str(interactions) == "ml-100k":
         base_raw, ml_items = D.movielens_100k()
         items = ml_items if items is None else items
         fingerprint_paths.append(D.movielens_100k_dir() / "ml-100k.inter")
-    elif str(interactions).endswith((".sqlite3", ".sqlite", ".db")):
-        store_paths.insert(0, Path(interactions))
     else:
         base_raw = D.load_interactions(interactions)
         fingerprint_paths.append(Path(interactions))
@@ -106,16 +162,15 @@ def prepare(
     events_seq = 0
     store_items: list[tuple[str, dict[str, Any]]] = []
     store_frames = []
-    for path in store_paths:
-        store = EventStore(path)
-        try:
-            forgotten = forgotten | store.forgotten_hashes()
-            events_seq = max(events_seq, store.last_seq)
-            store_items += [(s.item_id, s.body) for s in store.items()]
-        finally:
-            store.close()
-        store_frames.append(D.load_interactions(path))
-        fingerprint_paths.append(path)
+    store_digests: list[str] = []
+    for store_source in stores:
+        frame, erased, stored_items, seq, digest = _read_store(store_source)
+        forgotten = forgotten | erased
+        # what the model covers: the engine folds in events after it (rows read, not a later max)
+        events_seq = max(events_seq, seq)
+        store_items += stored_items
+        store_frames.append(frame)
+        store_digests.append(digest)
     # Erasure applies to input files; the store already deleted an erased user's events, and what
     # the same id records after the erasure belongs to a new user.
     parts = []
@@ -164,13 +219,16 @@ def prepare(
     )
     from services.runtime.model_store import fingerprint
 
+    data_fingerprint = fingerprint(*fingerprint_paths) if fingerprint_paths else ""
+    if store_digests:  # files by their bytes, stores by what was read from them
+        data_fingerprint = hashlib.sha256("|".join([data_fingerprint, *store_digests]).encode()).hexdigest()
     return Prepared(
         interactions=cleaned,
         items=catalogue.reset_index(drop=True),
         encoding=encoding,
         report=report,
         events_seq=events_seq,
-        fingerprint=fingerprint(*fingerprint_paths) if fingerprint_paths else "",
+        fingerprint=data_fingerprint,
         source=source,
     )
 
@@ -655,13 +713,32 @@ def _parse_params(values: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _cache_path() -> Path:
+    """Where the server keeps its embeddings cache (never the code directory)."""
+    from services.runtime.config import load_settings
+
+    from .settings import RecommenderSettings
+
+    cache = load_settings(RecommenderSettings, "recommender").embeddings_cache
+    assert cache is not None
+    return cache
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--interactions", required=True, help="file, or 'ml-100k' (packaged MovieLens-100K)")
+    parser.add_argument(
+        "--interactions",
+        required=True,
+        help="file, 'ml-100k' (packaged MovieLens-100K) or 'store' (the event store of the CBEC_* settings)",
+    )
     parser.add_argument("--items", help="items file with item_id and text (title, description, category)")
-    parser.add_argument("--events", help="the service's event store: its events are added, erasures applied")
+    parser.add_argument(
+        "--events",
+        help="an event store whose events are added and erasures applied: 'store' (the one the CBEC_* "
+        "settings name: CBEC_STATE_DIR, or the shared PostgreSQL) or an embedded store file",
+    )
     parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated models to train")
     parser.add_argument("--serve", default="hybrid", help="the model saved for serving")
     parser.add_argument("--param", action="append", default=[], help="model.name=value (repeatable)")
@@ -682,7 +759,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
     parser.add_argument("--out", type=Path, default=Path("var/recommender/eval"))
-    parser.add_argument("--embeddings-cache", type=Path, default=Path("data/recommender/embeddings.sqlite3"))
+    parser.add_argument(
+        "--embeddings-cache",
+        type=Path,
+        help="local cache of item text embeddings (default: CBEC_EMBEDDINGS_CACHE, or in CBEC_STATE_DIR)",
+    )
     parser.add_argument("--device", default=os.environ.get("CBEC_DEVICE", "auto"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -691,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     prepared = prepare(args.interactions, args.items, args.events, args.min_user_interactions)
     print(f"data: {prepared.report.to_dict()}")
-    embedder = None if args.no_content else Embedder(EmbeddingCache(args.embeddings_cache))
+    embedder = None if args.no_content else Embedder(EmbeddingCache(args.embeddings_cache or _cache_path()))
     embeddings = embed_catalogue(prepared.items, embedder, progress=True)
     config = TrainConfig(
         models=[m.strip() for m in args.models.split(",") if m.strip()],

@@ -222,6 +222,8 @@ class Server:
             self.pins = ModelPins(self.runtime.state, s.service)
             self.pins.listen(self._on_pin_changed)
         await self.load_model()
+        if not self.ready:
+            self._background.append(asyncio.create_task(self._retry_load()))
         if self.runtime.store_checks:
             self._background.append(asyncio.create_task(self._check_stores()))
         if s.model_poll_s > 0 and self.service.slot is not None and not s.model_version:
@@ -243,6 +245,13 @@ class Server:
                 log.warning("store down", extra={"store": name, "error": str(exc)[:200]})
             await self.runtime.set_health(name, states[name])
         return states
+
+    async def _retry_load(self, period_s: float = 5.0) -> None:
+        """No model could be loaded at start (none written yet, or a store it needs was down): keep
+        trying, so the pod becomes ready when the cause goes away instead of waiting for a restart."""
+        while not self.ready:
+            await asyncio.sleep(period_s)
+            await self.load_model()
 
     async def _check_stores(self) -> None:
         while True:

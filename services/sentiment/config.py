@@ -16,7 +16,12 @@ from .encoder import DEFAULT_INT8
 
 class SentimentSettings(RuntimeSettings):
     sentiment_db_path: Path | None = Field(
-        None, description="SQLite file of ingested reviews; default <models dir>/sentiment-data/reviews.db."
+        None,
+        description=(
+            "A reviews.db written before the state layer (default <models dir>/sentiment-data/reviews.db "
+            "when it exists): read once, read-only, into the review store at start if the store is empty. "
+            "Reviews are stored in the runtime's state store (CBEC_STATE_DIR or the shared database)."
+        ),
     )
     sentiment_cache_dir: Path | None = Field(
         None, description="Embedding cache folder; default <models dir>/.cache/sentiment."
@@ -48,7 +53,8 @@ class SentimentSettings(RuntimeSettings):
     )
 
     @property
-    def db_path(self) -> Path:
+    def legacy_db_path(self) -> Path:
+        """Where a pre-state-layer review file may be (never written: it may sit on the models mount)."""
         return self.sentiment_db_path or self.models_dir / "sentiment-data" / "reviews.db"
 
     @property

@@ -4,6 +4,11 @@ Every text goes through the runtime's micro-batcher, one item per text, so a cal
 many calls with one text share the same batches. Inputs are checked before any compute: a bad field
 is an INVALID_ARGUMENT naming it, too many texts is RESOURCE_EXHAUSTED, and a text longer than the
 model's token limit is scored on its start with ``truncated`` set (never cut silently).
+
+Reviews live in the runtime's state store (``runtime.database("sentiment")``: an SQLite file under
+``CBEC_STATE_DIR``, or the PostgreSQL every replica shares), so a review ingested through any replica
+counts in every replica's market report. While the store is down, ``IngestReviews`` and
+``GetMarketReport`` are UNAVAILABLE with a retry delay and ``Analyze`` (the model alone) keeps serving.
 """
 
 from __future__ import annotations
@@ -110,7 +115,8 @@ class SentimentService:
         self.batcher = runtime.batcher(self._score_batch, "sentiment")
         self.languages = LanguageDetector()
         self.markets = load_markets()
-        self.store = ReviewStore(settings.db_path)
+        # synchronous=NORMAL (WAL): a committed batch survives a killed process, without an fsync per batch.
+        self.store = ReviewStore(runtime.database("sentiment", synchronous="NORMAL"))
         r = runtime.metrics.registry
         self.m_truncated = PromCounter(
             "sentiment_texts_truncated",
@@ -509,9 +515,23 @@ class SentimentService:
 
     async def start(self) -> None:
         self.batcher.start()
+        await self._import_legacy()
+
+    async def _import_legacy(self) -> None:
+        """Reviews from a ``reviews.db`` of an earlier version into an empty store (never fails start)."""
+        path = self.settings.legacy_db_path
+        try:
+            if not await asyncio.to_thread(path.is_file) or await asyncio.to_thread(self.store.count):
+                return
+            imported = await asyncio.to_thread(self.store.import_legacy, path)
+            log.info("imported reviews from an earlier review file", extra={"path": str(path), "n": imported})
+        except Exception as exc:
+            log.warning(
+                "earlier review file not imported", extra={"path": str(path), "error": str(exc)[:200]}
+            )
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.store.close)
+        """The runtime closes the store's database after the last call."""
 
 
 def _distribution(c: Any) -> pb.SentimentDistribution:

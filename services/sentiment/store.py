@@ -1,5 +1,10 @@
 """Durable review store with running aggregates, and the market report computed from them.
 
+A domain repository over the runtime's state layer: ``sentiment_reviews`` and ``sentiment_agg`` in the
+service's ``Database`` (an SQLite file under ``CBEC_STATE_DIR`` embedded, the shared PostgreSQL
+otherwise), so a review ingested through any replica counts in every replica's report: reports read
+the store, nothing is cached per replica.
+
 Why this shape: a report over a million reviews must not rescan them. Every ingested review adds to
 hourly buckets ``(product or category, market or all, hour, language) -> counts, sum of stars`` in the
 same transaction that stores it, so a 30-day report reads at most 720 buckets per language. Windows
@@ -7,13 +12,18 @@ need not fall on hour boundaries: the partial hours at either edge are counted f
 themselves through an index, so results are exact. Driver terms come from a bounded sample (the most
 recent negative and positive reviews of the window, 1,000 of each by default), not from every review.
 
-SQLite in WAL mode with ``synchronous=NORMAL``: a committed batch survives a killed process (``FULL``
-would also survive power loss, at an fsync per batch). A review id is stored once: re-sending it
-(a client retry) is accepted and not counted twice.
+A review id is stored once: re-sending it (a client retry, on any replica) is accepted and not counted
+twice, because only the rows the insert actually created feed the aggregates. The aggregate upsert is
+an increment evaluated by the database (``negative = sentiment_agg.negative + excluded.negative``), so
+replicas ingesting the same buckets at once never overwrite each other's counts. Rows and buckets are
+written in sorted order, so two PostgreSQL transactions take their row locks in the same order and
+cannot deadlock. Embedded: WAL with ``synchronous=NORMAL``, a committed batch survives a killed
+process (``FULL`` would also survive power loss, at an fsync per batch).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sqlite3
@@ -22,12 +32,24 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from services.runtime.state import Database, Migration, SqliteDatabase, StoreUnavailable
+
+log = logging.getLogger("cbec.sentiment.store")
 HOUR_MS = 3_600_000
 ALL_MARKETS = ""
+COLUMNS = (
+    "review_id", "product_id", "category", "market", "created_ms", "text", "rating", "label",
+    "p_negative", "p_neutral", "p_positive", "stars", "lang", "lang_confidence", "truncated", "terms",
+    "model_version", "ingested_ms",
+)  # fmt: skip
+INSERT_CHUNK = 500  # rows per INSERT statement (18 parameters each; SQLite allows 32,766 per statement)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS reviews (
+MIGRATIONS = [
+    Migration(
+        """
+CREATE TABLE sentiment_reviews (
     review_id TEXT PRIMARY KEY,
     product_id TEXT NOT NULL,
     category TEXT NOT NULL,
@@ -47,11 +69,11 @@ CREATE TABLE IF NOT EXISTS reviews (
     model_version TEXT NOT NULL,
     ingested_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS reviews_product ON reviews (product_id, label, created_ms);
-CREATE INDEX IF NOT EXISTS reviews_category ON reviews (category, label, created_ms);
-CREATE INDEX IF NOT EXISTS reviews_product_market ON reviews (product_id, market, label, created_ms);
-CREATE INDEX IF NOT EXISTS reviews_category_market ON reviews (category, market, label, created_ms);
-CREATE TABLE IF NOT EXISTS agg (
+CREATE INDEX sentiment_reviews_product ON sentiment_reviews (product_id, label, created_ms);
+CREATE INDEX sentiment_reviews_category ON sentiment_reviews (category, label, created_ms);
+CREATE INDEX sentiment_reviews_product_market ON sentiment_reviews (product_id, market, label, created_ms);
+CREATE INDEX sentiment_reviews_category_market ON sentiment_reviews (category, market, label, created_ms);
+CREATE TABLE sentiment_agg (
     kind TEXT NOT NULL,          -- 'p' product, 'c' category
     scope TEXT NOT NULL,
     market TEXT NOT NULL,        -- '' = all markets
@@ -64,16 +86,28 @@ CREATE TABLE IF NOT EXISTS agg (
     PRIMARY KEY (kind, scope, market, hour, lang)
 ) WITHOUT ROWID;
 """
+    )
+]
 
+# The increment is computed by the database from the row it locked, never from a value read earlier.
 _UPSERT = """
-INSERT INTO agg (kind, scope, market, hour, lang, negative, neutral, positive, stars_sum)
+INSERT INTO sentiment_agg (kind, scope, market, hour, lang, negative, neutral, positive, stars_sum)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (kind, scope, market, hour, lang) DO UPDATE SET
-    negative = negative + excluded.negative,
-    neutral = neutral + excluded.neutral,
-    positive = positive + excluded.positive,
-    stars_sum = stars_sum + excluded.stars_sum
+    negative = sentiment_agg.negative + excluded.negative,
+    neutral = sentiment_agg.neutral + excluded.neutral,
+    positive = sentiment_agg.positive + excluded.positive,
+    stars_sum = sentiment_agg.stars_sum + excluded.stars_sum
 """
+
+
+def _insert_sql(rows: int) -> str:
+    values = ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * rows)
+    return (
+        f"INSERT INTO sentiment_reviews ({', '.join(COLUMNS)}) VALUES {values} "
+        "ON CONFLICT (review_id) DO NOTHING RETURNING review_id"
+    )
+
 
 # --- terms ---------------------------------------------------------------------------------------
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?", re.UNICODE)
@@ -117,11 +151,24 @@ class StoredReview:
     terms: str = ""
 
     def row(self) -> tuple[object, ...]:
+        """The row as plain Python values (numpy scalars do not bind on PostgreSQL)."""
         terms = self.terms or " ".join(terms_of(self.text))
         return (
-            self.review_id, self.product_id, self.category, self.market, self.created_ms, self.text,
-            self.rating, self.label, *self.probs, self.stars, self.lang, self.lang_confidence,
-            int(self.truncated), terms, self.model_version, self.ingested_ms,
+            str(self.review_id), str(self.product_id), str(self.category), str(self.market),
+            int(self.created_ms), str(self.text), int(self.rating), int(self.label),
+            *(float(p) for p in self.probs), float(self.stars), str(self.lang), float(self.lang_confidence),
+            int(bool(self.truncated)), terms, str(self.model_version), int(self.ingested_ms),
+        )  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoredReview:
+        """A review from a row in ``COLUMNS`` order."""
+        (rid, product, category, market, created, text, rating, label, pn, pu, pp, stars, lang, conf,
+         truncated, terms, version, ingested) = row  # fmt: skip
+        return cls(
+            str(rid), str(product), str(category), str(market), int(created), str(text), int(rating),
+            int(label), (float(pn), float(pu), float(pp)), float(stars), str(lang), float(conf),
+            bool(truncated), str(version), int(ingested), str(terms),
         )  # fmt: skip
 
 
@@ -213,63 +260,117 @@ def log_odds_themes(
 
 # --- the store -----------------------------------------------------------------------------------
 class ReviewStore:
-    def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+    """Reviews and their hourly aggregates in ``db`` (a path opens an SQLite file, for tools and tests).
+
+    The schema is applied on first use, so a database that is down at start-up only makes ingestion
+    and reports UNAVAILABLE until it answers; scoring does not need it.
+    """
+
+    def __init__(self, db: Database | Path | str, synchronous: str = "NORMAL") -> None:
+        self._owned = not isinstance(db, Database)
+        self.db: Database = (
+            db if isinstance(db, Database) else SqliteDatabase(db, name="sentiment", synchronous=synchronous)
+        )
+        self._ready = False
+        self._schema_lock = threading.Lock()
+        try:
+            self.ensure_schema()
+        except StoreUnavailable as exc:
+            log.warning("review store unavailable at start; will retry on use", extra={"error": str(exc)})
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    def ensure_schema(self) -> None:
+        """Apply the migrations once per process (idempotent across replicas: the runtime locks)."""
+        if self._ready:
+            return
+        with self._schema_lock:
+            if not self._ready:
+                self.db.migrate("sentiment", MIGRATIONS)
+                self._ready = True
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Close the database if this store opened it (the runtime closes the ones it handed out)."""
+        if self._owned:
+            self.db.close()
 
     # --- writes ---
     def add(self, reviews: Iterable[StoredReview]) -> tuple[int, int]:
-        """Store reviews and fold them into the aggregates in one transaction.
+        """Store reviews and fold the newly stored ones into the aggregates, in one transaction.
         Returns (newly stored, already stored)."""
-        buckets: dict[tuple[str, str, str, int, str], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
-        new = dup = 0
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+        self.ensure_schema()
+        unique: dict[str, StoredReview] = {}
+        repeated = 0
+        for r in reviews:
+            if r.review_id in unique:
+                repeated += 1
+            else:
+                unique[r.review_id] = r
+        ordered = sorted(unique.values(), key=lambda r: r.review_id)  # one lock order for every writer
+        rows = [r.row() for r in ordered]
+        created: set[str] = set()
+        with self.db.transaction() as tx:
+            for i in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[i : i + INSERT_CHUNK]
+                params = [value for row in chunk for value in row]
+                created.update(str(r[0]) for r in tx.all(_insert_sql(len(chunk)), params))
+            buckets: dict[tuple[str, str, str, int, str], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+            for r in ordered:
+                if r.review_id not in created:
+                    continue
+                if r.label not in (0, 1, 2):
+                    raise ValueError(f"review {r.review_id}: label {r.label} is not 0, 1 or 2")
+                hour = r.created_ms // HOUR_MS
+                keys = [("p", r.product_id, r.market), ("p", r.product_id, ALL_MARKETS)]
+                if r.category:
+                    keys += [("c", r.category, r.market), ("c", r.category, ALL_MARKETS)]
+                for kind, scope, market in keys:
+                    b = buckets[(kind, scope, market, hour, r.lang)]
+                    b[r.label] += 1
+                    b[3] += r.stars
+            tx.executemany(
+                _UPSERT,
+                [(*k, int(v[0]), int(v[1]), int(v[2]), float(v[3])) for k, v in sorted(buckets.items())],
+            )
+        return len(created), repeated + len(ordered) - len(created)
+
+    def import_legacy(self, path: Path, batch: int = 1000) -> int:
+        """Reviews of a ``reviews.db`` written before the state layer (opened read-only; it may sit on
+        the read-only models mount), stored through ``add``: aggregates are rebuilt and ids already
+        stored are skipped, so running it twice, or on two replicas, counts nothing twice."""
+        con = None
+        for options in ("mode=ro", "mode=ro&immutable=1"):  # immutable: no -shm can be made beside it
             try:
-                for r in reviews:
-                    cur.execute("INSERT OR IGNORE INTO reviews VALUES (" + ",".join("?" * 18) + ")", r.row())
-                    if cur.rowcount == 0:
-                        dup += 1
-                        continue
-                    new += 1
-                    hour = r.created_ms // HOUR_MS
-                    keys = [("p", r.product_id, r.market), ("p", r.product_id, ALL_MARKETS)]
-                    if r.category:
-                        keys += [("c", r.category, r.market), ("c", r.category, ALL_MARKETS)]
-                    for kind, scope, market in keys:
-                        b = buckets[(kind, scope, market, hour, r.lang)]
-                        b[r.label] += 1
-                        b[3] += r.stars
-                cur.executemany(
-                    _UPSERT, [(*k, int(v[0]), int(v[1]), int(v[2]), v[3]) for k, v in buckets.items()]
-                )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return new, dup
+                con = sqlite3.connect(f"file:{Path(path).resolve()}?{options}", uri=True)
+                cur = con.execute(f"SELECT {', '.join(COLUMNS)} FROM reviews ORDER BY rowid")
+                break
+            except sqlite3.Error:
+                if con is not None:
+                    con.close()
+                    con = None
+        if con is None:
+            raise ValueError(f"{path} is not a readable review database")
+        imported = 0
+        try:
+            while rows := cur.fetchmany(batch):
+                imported += self.add([StoredReview.from_row(r) for r in rows])[0]
+        finally:
+            con.close()
+        return imported
 
     # --- reads ---
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM reviews").fetchone()[0])
+        self.ensure_schema()
+        return int(self.db.scalar("SELECT COUNT(*) FROM sentiment_reviews") or 0)
 
     def get(self, review_id: str) -> dict[str, object] | None:
-        with self._lock:
-            cur = self._db.execute("SELECT * FROM reviews WHERE review_id = ?", (review_id,))
-            row = cur.fetchone()
-            return None if row is None else dict(zip([c[0] for c in cur.description], row, strict=True))
+        self.ensure_schema()
+        row = self.db.one(
+            f"SELECT {', '.join(COLUMNS)} FROM sentiment_reviews WHERE review_id = ?", (review_id,)
+        )
+        return None if row is None else dict(zip(COLUMNS, row, strict=True))
 
     def window(self, kind: str, scope: str, market: str, start_ms: int, end_ms: int) -> Counts:
         """Counts for reviews created in [start_ms, end_ms): whole hours from the aggregates, the partial
@@ -277,40 +378,44 @@ class ReviewStore:
         counts = Counts()
         if end_ms <= start_ms:
             return counts
+        self.ensure_schema()
         h0 = -(-start_ms // HOUR_MS)  # first whole hour
         h1 = end_ms // HOUR_MS  # end of the last whole hour
-        with self._lock:
+        with self.db.read() as tx:
             if h0 < h1:
-                rows = self._db.execute(
-                    "SELECT lang, SUM(negative), SUM(neutral), SUM(positive), SUM(stars_sum) FROM agg "
-                    "WHERE kind = ? AND scope = ? AND market = ? AND hour >= ? AND hour < ? GROUP BY lang",
+                rows = tx.all(
+                    "SELECT lang, SUM(negative), SUM(neutral), SUM(positive), SUM(stars_sum) "
+                    "FROM sentiment_agg WHERE kind = ? AND scope = ? AND market = ? "
+                    "AND hour >= ? AND hour < ? GROUP BY lang",
                     (kind, scope, market, h0, h1),
-                ).fetchall()
-                for lang, neg, neu, pos, stars in rows:
+                )
+                for lang, neg, neu, pos, stars in rows:  # PostgreSQL sums BIGINT as NUMERIC: Decimal
+                    neg, neu, pos = int(neg), int(neu), int(pos)
                     counts.negative += neg
                     counts.neutral += neu
                     counts.positive += pos
-                    counts.stars_sum += stars
-                    counts.languages[lang] += neg + neu + pos
+                    counts.stars_sum += float(stars)
+                    counts.languages[str(lang)] += neg + neu + pos
                 edges = [(start_ms, h0 * HOUR_MS), (h1 * HOUR_MS, end_ms)]
             else:
                 edges = [(start_ms, end_ms)]
             for a, b in edges:
                 if b > a:
-                    for label, stars, lang in self._raw(kind, scope, market, a, b, "label, stars, lang"):
-                        counts.add(label, stars, lang)
+                    for label, stars, lang in self._raw(tx, kind, scope, market, a, b, "label, stars, lang"):
+                        counts.add(int(label), float(stars), str(lang))  # type: ignore[arg-type]
         return counts
 
-    @staticmethod
-    def _source(kind: str, market: str) -> tuple[str, str]:
-        """(scope column, table with the index that serves it): with a market, the index that has it,
-        so a rare market inside a big category does not walk every review of the category."""
+    def _source(self, kind: str, market: str) -> tuple[str, str]:
+        """(scope column, table): on SQLite with the index that serves it, so a rare market inside a
+        big category does not walk every review of the category. PostgreSQL's planner picks its own."""
         column = "product_id" if kind == "p" else "category"
-        index = f"reviews_{'product' if kind == 'p' else 'category'}{'_market' if market else ''}"
-        return column, f"reviews INDEXED BY {index}"
+        if self.db.dialect != "sqlite":
+            return column, "sentiment_reviews"
+        index = f"sentiment_reviews_{'product' if kind == 'p' else 'category'}{'_market' if market else ''}"
+        return column, f"sentiment_reviews INDEXED BY {index}"
 
     def _raw(
-        self, kind: str, scope: str, market: str, a: int, b: int, columns: str
+        self, tx: Any, kind: str, scope: str, market: str, a: int, b: int, columns: str
     ) -> list[tuple[object, ...]]:
         column, source = self._source(kind, market)
         sql = (
@@ -321,12 +426,13 @@ class ReviewStore:
         if market:
             sql += " AND market = ?"
             args.append(market)
-        return self._db.execute(sql, args).fetchall()
+        return list(tx.all(sql, args))
 
     def sample_terms(
         self, kind: str, scope: str, market: str, start_ms: int, end_ms: int, label: int, limit: int
     ) -> list[tuple[str, list[str]]]:
         """(language, terms) of the most recent ``limit`` reviews with ``label`` in the window."""
+        self.ensure_schema()
         column, source = self._source(kind, market)
         sql = (
             f"SELECT lang, terms FROM {source} WHERE {column} = ? AND label = ? "
@@ -338,9 +444,7 @@ class ReviewStore:
             args.append(market)
         sql += " ORDER BY created_ms DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [(lang, terms.split()) for lang, terms in rows]
+        return [(str(lang), str(terms).split()) for lang, terms in self.db.all(sql, args)]
 
     def themes(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.runtime.config import RuntimeSettings
 
@@ -15,10 +15,19 @@ class VisionSettings(RuntimeSettings):
     batch_max_delay_ms: float = Field(4.0, ge=0, le=10_000)
     batch_max_size: int = Field(32, ge=1, le=4096)
 
-    vision_index_dir: Path = Field(
-        Path("var/vision"),
-        description="Catalogue (SQLite: products, their images, embeddings per model version) and "
-        "FAISS index snapshots.",
+    # The catalogue (products, images, embeddings per model version, change log) is the runtime's store
+    # "vision": <CBEC_STATE_DIR>/vision.sqlite3 embedded, the vision_* tables of the shared PostgreSQL.
+    vision_index_dir: Path | None = Field(
+        None,
+        description="Local cache of FAISS index snapshots (rebuilt from the catalogue when missing); "
+        "empty = <CBEC_STATE_DIR>/vision. Must be writable and outside CBEC_MODELS_DIR.",
+    )
+    vision_sync_check_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="Safety re-check of the catalogue's change log; the change feed (NOTIFY) normally "
+        "brings another replica's writes within milliseconds.",
     )
     vision_data_dir: Path = Field(
         Path("data/vision"),
@@ -63,3 +72,22 @@ class VisionSettings(RuntimeSettings):
         if self.vision_default_k > self.vision_max_k:
             raise ValueError("CBEC_VISION_DEFAULT_K must not exceed CBEC_VISION_MAX_K")
         return self
+
+    @field_validator("vision_index_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _index_dir(self) -> VisionSettings:
+        if self.vision_index_dir is not None:
+            self.vision_index_dir = self.vision_index_dir.expanduser().absolute()
+            models = self.models_dir.expanduser().absolute()
+            if self.vision_index_dir == models or models in self.vision_index_dir.parents:
+                raise ValueError("CBEC_VISION_INDEX_DIR must not be inside CBEC_MODELS_DIR (read-only)")
+        return self
+
+    @property
+    def index_cache_dir(self) -> Path:
+        """Where FAISS index snapshots are cached (absolute, writable, never the models dir)."""
+        return self.vision_index_dir or self.state_dir / "vision"

@@ -5,14 +5,18 @@
 2. A model version, unless the store has one: ``services.vision.train`` with its defaults.
 3. The default catalogue, unless the catalogue already holds products: the first Fashion-MNIST
    training images (never used for fine-tuning) as products, category = clothing class, no market.
+   A catalogue file from before the state layer (``var/vision/catalogue.sqlite``) is imported instead.
    The index snapshot of the newest model is built here, so the service starts by loading it.
-Each step skips work already done; CNN features are cached by content hash.
+Each step skips work already done; CNN features are cached by content hash. The catalogue is the
+runtime's store ``vision``, opened as the service opens it (``CBEC_STATE_DIR/vision.sqlite3``, or the
+shared PostgreSQL with ``CBEC_STATE_BACKEND=shared``); index snapshots go to the service's local cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 import numpy as np
@@ -20,21 +24,75 @@ from tqdm import tqdm
 
 from services.runtime.config import load_settings
 from services.runtime.model_store import ModelStore
+from services.runtime.state import StateConfig, open_database
 
 from . import data, features, model, train
 from .catalogue import Catalogue, NewProduct
 from .config import VisionSettings
 from .engine import Engine, EngineOptions
 from .images import ImageLimits, decode, sha256
-from .server import CATALOGUE_FILE
+from .server import STORE
 
 DEFAULT_CATALOGUE_SIZE = 5000
+LEGACY_CATALOGUE = "catalogue.sqlite"  # the catalogue file in the snapshot folder before the state layer
+
+
+def open_catalogue(settings: VisionSettings) -> Catalogue:
+    """The service's catalogue, on the store the runtime would open (close it with ``close_catalogue``)."""
+    return Catalogue(open_database(StateConfig.from_settings(settings), STORE))
+
+
+def close_catalogue(catalogue: Catalogue) -> None:
+    catalogue.close()
+    catalogue.db.close()
+
+
+def import_legacy_catalogue(settings: VisionSettings, catalogue: Catalogue) -> int:
+    """Move the products of a pre-state-layer catalogue file (with their images and stored embeddings)
+    into an empty catalogue, once; the file is then renamed ``*.imported``. Returns how many."""
+    path = settings.index_cache_dir / LEGACY_CATALOGUE
+    if not path.is_file() or catalogue.count() > 0:
+        return 0
+    old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = old.execute(
+            "SELECT row_id, product_id, category, market, sha256, image FROM products ORDER BY row_id"
+        ).fetchall()
+        moved = 0
+        for start in range(0, len(rows), 500):
+            batch = rows[start : start + 500]
+            new_ids = catalogue.upsert(
+                [NewProduct(str(p), str(c), str(m), str(s), bytes(i)) for _, p, c, m, s, i in batch], ""
+            )
+            mapping = {int(r[0]): new for r, new in zip(batch, new_ids, strict=True)}
+            marks = ",".join("?" * len(batch))
+            found: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+            for row_id, version, vec, dup in old.execute(
+                f"SELECT row_id, model_version, vec, dup FROM embeddings WHERE row_id IN ({marks})",
+                list(mapping),
+            ):
+                found.setdefault(str(version), []).append(
+                    (
+                        mapping[int(row_id)],
+                        np.frombuffer(vec, dtype=np.float32),
+                        np.frombuffer(dup, dtype=np.float16),
+                    )
+                )
+            for version, items in found.items():
+                catalogue.put_embeddings(version, items)
+            moved += len(batch)
+    finally:
+        old.close()
+    path.rename(path.with_name(path.name + ".imported"))
+    print(f"vision catalogue: imported {moved} products from {path}")
+    return moved
 
 
 def index_default_catalogue(settings: VisionSettings, embedder: model.Embedder, size: int) -> int:
     """Put Fashion-MNIST training images 0..size-1 into an empty catalogue; returns how many."""
-    catalogue = Catalogue(settings.vision_index_dir / CATALOGUE_FILE)
+    catalogue = open_catalogue(settings)
     try:
+        import_legacy_catalogue(settings, catalogue)
         if catalogue.count() > 0:
             print(f"vision catalogue present: {catalogue.count()} products")
             return 0
@@ -57,16 +115,16 @@ def index_default_catalogue(settings: VisionSettings, embedder: model.Embedder, 
             catalogue.upsert(products[start : start + 1000], embedder.version)
         return len(products)
     finally:
-        catalogue.close()
+        close_catalogue(catalogue)
 
 
 def build_index(settings: VisionSettings, embedder: model.Embedder) -> Engine:
     """Open the newest model's index (rebuilding it if needed) and leave a fresh snapshot on disk."""
-    catalogue = Catalogue(settings.vision_index_dir / CATALOGUE_FILE)
+    catalogue = open_catalogue(settings)
     cache = features.FeatureCache(settings.vision_data_dir / "cache", embedder.image_size)
     try:
         options = EngineOptions(
-            index_dir=settings.vision_index_dir,
+            index_dir=settings.index_cache_dir,
             exact_max=settings.vision_exact_max,
             nprobe=settings.vision_ivf_nprobe,
             snapshot_every=settings.vision_snapshot_every,
@@ -78,7 +136,7 @@ def build_index(settings: VisionSettings, embedder: model.Embedder) -> Engine:
         return engine
     finally:
         cache.close()
-        catalogue.close()
+        close_catalogue(catalogue)
 
 
 def main(argv: list[str] | None = None) -> int:

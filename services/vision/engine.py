@@ -5,6 +5,11 @@ index together, so a query is never embedded by one version and searched against
 An engine opens its version's snapshot when one is there and valid, rebuilds from the catalogue when
 not (embedding products that have no vector of this version yet), then replays catalogue changes made
 after the snapshot and checks that the index holds exactly the catalogue's products.
+
+Afterwards ``sync`` follows the catalogue's change log (``seq > last``), whoever wrote the change: this
+replica's own IndexProducts and every other replica's writes take the same path. It reads the store
+and embeds without holding the search lock, so searches keep serving from memory (index, metadata and
+near-duplicate descriptors) while the store is slow or down.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .catalogue import Catalogue, Product
+from .catalogue import Catalogue, Change, Product
 from .features import FeatureCache, extract
 from .images import ImageError, ImageLimits, decode
 from .index import SnapshotError, VectorIndex, index_type_for, load_snapshot, save_snapshot
@@ -43,6 +48,17 @@ class EngineOptions:
     feature_cache: FeatureCache | None = None
 
 
+@dataclass
+class _Built:
+    """An index built from the catalogue, ready to be installed."""
+
+    index: VectorIndex
+    products: list[Product]
+    duplicates: dict[int, np.ndarray]
+    seq: int
+    token: str
+
+
 @dataclass(frozen=True)
 class Match:
     product_id: str
@@ -60,13 +76,17 @@ class Engine:
         self.version = embedder.version
         self.index: VectorIndex | None = None
         self.seq = 0
+        self.token = ""  # the catalogue's token of change ``seq`` (recorded in snapshots)
         self._snapshot_seq = -1
         self._products: dict[int, Product] = {}
+        self._dups: dict[int, np.ndarray] = {}  # near-duplicate descriptors, in memory for searches
         self._by_category: dict[str, set[int]] = {}
         self._by_market: dict[str, set[int]] = {}
         self._by_sha: dict[str, set[int]] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the in-memory state searches read
+        self._sync_lock = threading.RLock()  # one writer of that state at a time (open, sync, snapshot)
         self.rebuild_reason = ""
+        self.embedded = 0  # catalogue images this engine had to embed (not found stored)
         self.skipped: list[tuple[str, str]] = []  # (product_id, why) that could not be embedded
         self.on_rebuild: Callable[[str], None] | None = None
 
@@ -89,7 +109,7 @@ class Engine:
         catalogue.check()
         engine = cls(embedder, catalogue, options)
         engine.on_rebuild = on_rebuild
-        with engine._lock:
+        with engine._sync_lock:
             try:
                 index, meta = load_snapshot(
                     options.index_dir, engine.version, embedder.dim, options.nprobe, options.gpu
@@ -98,6 +118,7 @@ class Engine:
                 engine._rebuild(str(exc))
             else:
                 engine.index, engine.seq, engine._snapshot_seq = index, meta.seq, meta.seq
+                engine.token = meta.token
                 head, products = catalogue.state()
                 if meta.catalogue_id != catalogue.id:
                     engine._rebuild("index snapshot was built from another catalogue")
@@ -126,6 +147,9 @@ class Engine:
         for product in products:
             if product.row_id not in added_later:
                 self._remember(product)
+        self._dups = self.catalogue.duplicates(
+            self.version, list(self._products), self.embedder.duplicates.dim
+        )
         # Rows removed after the snapshot are gone from the catalogue but still in the index: the
         # replay removes them from the index; they need no metadata.
 
@@ -136,6 +160,7 @@ class Engine:
         self._by_sha.setdefault(product.sha256, set()).add(product.row_id)
 
     def _forget(self, row_id: int) -> None:
+        self._dups.pop(row_id, None)
         product = self._products.pop(row_id, None)
         if product is None:
             return
@@ -152,13 +177,18 @@ class Engine:
 
     def _rebuild(self, reason: str) -> None:
         """Build this version's index from the catalogue, embedding what has no vector of it yet."""
+        self._install(self._build(reason))
+
+    def _build(self, reason: str) -> _Built:
+        """Read and embed without the search lock (searches go on with the old index meanwhile)."""
         log.warning("rebuilding the index for model %s: %s", self.version, reason)
         self.rebuild_reason = reason
         if self.on_rebuild is not None:
             self.on_rebuild(reason)
         head, products = self.catalogue.state()
+        token = self.catalogue.token_at(head) or ""
         row_ids = [p.row_id for p in products]
-        vectors = self._vectors_for(row_ids)
+        vectors, dups = self._vectors_for(row_ids)
         kept = [p for p in products if p.row_id in vectors]
         ids = np.array([p.row_id for p in kept], dtype=np.int64)
         x = (
@@ -166,7 +196,7 @@ class Engine:
             if kept
             else np.zeros((0, self.embedder.dim), np.float32)
         )
-        self.index = VectorIndex.build(
+        index = VectorIndex.build(
             ids,
             x,
             self.embedder.dim,
@@ -174,19 +204,30 @@ class Engine:
             self.options.nprobe,
             self.options.gpu,
         )
-        self._products, self._by_category, self._by_market, self._by_sha = {}, {}, {}, {}
-        for product in kept:
-            self._remember(product)
-        self.seq = head
-        self._snapshot_seq = -1
+        return _Built(index, kept, {p.row_id: dups[p.row_id] for p in kept}, head, token)
 
-    def _vectors_for(self, row_ids: list[int]) -> dict[int, np.ndarray]:
-        """This version's embeddings of the rows: stored ones, plus the rest embedded from the stored
-        images (and stored, so the next rebuild need not embed them again)."""
-        found = self.catalogue.embeddings(self.version, row_ids, self.embedder.dim)
+    def _install(self, built: _Built) -> None:
+        with self._lock:
+            self.index = built.index
+            self._products, self._by_category, self._by_market, self._by_sha = {}, {}, {}, {}
+            for product in built.products:
+                self._remember(product)
+            self._dups = built.duplicates
+            self.seq, self.token = built.seq, built.token
+            self._snapshot_seq = -1
+
+    def _vectors_for(self, row_ids: list[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """This version's (embeddings, near-duplicate descriptors) of the rows: stored ones (written by
+        whichever replica indexed the product), plus the rest embedded from the stored images (and
+        stored, so no replica or later rebuild embeds them again)."""
+        stored = self.catalogue.embeddings_and_duplicates(
+            self.version, row_ids, self.embedder.dim, self.embedder.duplicates.dim
+        )
+        found = {r: v for r, (v, _) in stored.items()}
+        descriptors = {r: d for r, (_, d) in stored.items()}
         missing = [r for r in row_ids if r not in found]
         if not missing:
-            return found
+            return found, descriptors
         log.info("embedding %d catalogue images with model %s", len(missing), self.version)
         size, limits = self.embedder.image_size, ImageLimits(max_bytes=1 << 62, max_pixels=1 << 62)
         batch_ids: list[int] = []
@@ -209,6 +250,8 @@ class Engine:
                 vecs, dups = self.embedder.embed_features(feats), self.embedder.duplicates(feats)
                 self.catalogue.put_embeddings(self.version, list(zip(batch_ids, vecs, dups, strict=True)))
                 found.update(zip(batch_ids, vecs, strict=True))
+                descriptors.update(zip(batch_ids, np.asarray(dups, dtype=np.float32), strict=True))
+                self.embedded += len(batch_ids)
                 batch_ids.clear()
                 batch_pixels.clear()
 
@@ -230,7 +273,7 @@ class Engine:
                     flush()
                 bar.update(1)
             flush()
-        return found
+        return found, descriptors
 
     def _verify(self) -> str:
         """'' when the index holds exactly the known products, else what differs."""
@@ -245,34 +288,30 @@ class Engine:
 
     # --- keeping up with the catalogue ---
     def sync(self) -> int:
-        """Apply catalogue changes made since this engine last looked; returns how many."""
-        with self._lock:
+        """Apply catalogue changes made since this engine last looked (by this replica or any other);
+        returns how many. Raises StoreUnavailable while the store is down, leaving the engine as it was.
+
+        Reads and embeds outside the search lock; only applying the result takes it."""
+        with self._sync_lock:
             changes = self.catalogue.changes_since(self.seq)
             if not changes:
                 return 0
             assert self.index is not None
-            added: dict[int, None] = {}
-            removed: set[int] = set()
-            for change in changes:
-                if change.op == "add":
-                    added[change.row_id] = None
-                elif change.row_id in added:
-                    del added[change.row_id]
-                else:
-                    removed.add(change.row_id)
-            if removed:
-                self.index.remove(sorted(removed))
-                for row_id in removed:
-                    self._forget(row_id)
-            if added:
-                products = self.catalogue.products(list(added))
-                vectors = self._vectors_for([p.row_id for p in products])
-                kept = [p for p in products if p.row_id in vectors]
+            added, removed = _net(changes)
+            products = self.catalogue.products(list(added)) if added else []
+            vectors, dups = self._vectors_for([p.row_id for p in products])
+            kept = [p for p in products if p.row_id in vectors]
+            with self._lock:
+                if removed:
+                    self.index.remove(sorted(removed))
+                    for row_id in removed:
+                        self._forget(row_id)
                 if kept:
                     self.index.add([p.row_id for p in kept], np.stack([vectors[p.row_id] for p in kept]))
                     for product in kept:
                         self._remember(product)
-            self.seq = changes[-1].seq
+                        self._dups[product.row_id] = dups[product.row_id]
+                self.seq, self.token = changes[-1].seq, changes[-1].token
             n, limit = self.index.ntotal, self.options.exact_max
             if (n > limit and not self.index.is_ivf) or (self.index.is_ivf and n < limit // 2):
                 self._rebuild(f"catalogue size {n} calls for a {index_type_for(n, limit)} index")
@@ -281,13 +320,13 @@ class Engine:
             return len(changes)
 
     def snapshot(self, force: bool = False) -> None:
-        with self._lock:
+        """Save the index to the local cache folder; needs no store (the token of ``seq`` is known)."""
+        with self._sync_lock:
             if self.index is None or (not force and self._snapshot_seq == self.seq):
                 return
             started = time.monotonic()
-            token = self.catalogue.token_at(self.seq) or ""
             save_snapshot(
-                self.options.index_dir, self.version, self.index, self.seq, self.catalogue.id, token
+                self.options.index_dir, self.version, self.index, self.seq, self.catalogue.id, self.token
             )
             self._snapshot_seq = self.seq
             log.info(
@@ -323,9 +362,8 @@ class Engine:
         sha256s: list[str] | None = None,
         duplicates: np.ndarray | None = None,
     ) -> list[list[Match]]:
-        """``search`` for a batch of queries with the same filters: one FAISS call, one catalogue read."""
-        with self._lock:
-            self.sync()  # a write that landed while the model was being swapped
+        """``search`` for a batch of queries with the same filters: one FAISS call, no store read."""
+        with self._lock:  # served from memory: no store read (the change feed keeps it current)
             assert self.index is not None
             n = len(vectors)
             allowed = None
@@ -341,10 +379,7 @@ class Engine:
                     return [[] for _ in range(n)]
             scores, ids = self.index.search(vectors, k, allowed)
             threshold = self.threshold
-            stored: dict[int, np.ndarray] = {}
-            if duplicates is not None:
-                found = sorted({int(i) for i in ids.ravel() if i >= 0})
-                stored = self.catalogue.duplicates(self.version, found, self.embedder.duplicates.dim)
+            stored = self._dups if duplicates is not None else {}
             results = []
             for q in range(n):
                 sha = sha256s[q] if sha256s else ""
@@ -383,3 +418,17 @@ class Engine:
                 "on_gpu": self.index.on_gpu,
                 "built_time": self.index.built_time,
             }
+
+
+def _net(changes: list[Change]) -> tuple[dict[int, None], set[int]]:
+    """Rows to add (in order) and rows to remove after a run of changes; an add undone later is neither."""
+    added: dict[int, None] = {}
+    removed: set[int] = set()
+    for change in changes:
+        if change.op == "add":
+            added[change.row_id] = None
+        elif change.row_id in added:
+            del added[change.row_id]
+        else:
+            removed.add(change.row_id)
+    return added, removed

@@ -4,7 +4,14 @@ Uploads are decoded and resized in a thread pool (never on the event loop), embe
 runtime's micro-batcher (images from concurrent calls share one CNN batch), and searched in a worker
 thread. The model slot holds an ``Engine`` (a model version with the index of its own embeddings), so
 swapping versions re-indexes before the new version serves. Indexed products are committed to the
-catalogue before ``IndexProducts`` answers.
+catalogue before ``IndexProducts`` answers, and are searchable on this replica by then.
+
+The catalogue is the runtime's store ``vision`` (embedded SQLite, or the shared PostgreSQL for many
+replicas). Every replica follows its change log: a commit anywhere notifies ``vision_catalogue`` and
+each replica's ``CatalogueFollower`` syncs its index (``seq > last``), so a product indexed or removed
+through any replica is searchable or gone on all of them within milliseconds. While the store is down,
+IndexProducts and RemoveProducts fail with UNAVAILABLE and a retry delay; searches keep serving from
+memory.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,9 +47,10 @@ from services.runtime.errors import (
 )
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
+from services.runtime.state import Database, StoreUnavailable
 
 from . import images, model
-from .catalogue import Catalogue, NewProduct
+from .catalogue import CHANNEL, Catalogue, CatalogueError, NewProduct
 from .config import VisionSettings
 from .engine import Engine, EngineOptions, Match
 from .index import remove_snapshots, select_index_gpu
@@ -49,7 +59,7 @@ log = logging.getLogger("cbec.vision")
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 MAX_ID_LENGTH = 256
 MAX_LABEL_LENGTH = 128
-CATALOGUE_FILE = "catalogue.sqlite"
+STORE = "vision"  # the runtime store holding the catalogue: <state dir>/vision.sqlite3 when embedded
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,84 @@ def _text_violations(
     return out
 
 
+class CatalogueFollower:
+    """Keeps the serving engine(s) at the catalogue's head, in one background thread.
+
+    Woken by the change feed (a notification from any replica carrying the new head, or ``None`` after
+    the listener reconnected: catch up), and every ``check_s`` as a safety net. Each wake runs
+    ``Engine.sync``, which reads ``seq > last`` through the log's primary key. A store that is down is
+    retried with backoff; searches are unaffected (they never wait for a sync).
+    """
+
+    def __init__(
+        self, engines: Callable[[], list[Engine]], check_s: float, on_synced: Callable[[Engine], None]
+    ) -> None:
+        self._engines = engines
+        self.check_s = check_s
+        self._on_synced = on_synced
+        self._cond = threading.Condition()
+        self._heard = 0  # highest head announced by a notification
+        self._wanted = True
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def notify(self, payload: str | None) -> None:
+        """The ``db.listen`` callback: cheap, never blocks on the store."""
+        with self._cond:
+            try:
+                self._heard = max(self._heard, int(payload))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                self._wanted = True  # None (reconnected) or an unexpected payload: look
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        self.notify(None)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vision-follower", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _behind(self) -> bool:
+        return any(engine.seq < self._heard for engine in self._engines())
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                if backoff:
+                    self._cond.wait_for(lambda: self._stopped, timeout=backoff)
+                else:
+                    self._cond.wait_for(
+                        lambda: self._stopped or self._wanted or self._behind(), timeout=self.check_s
+                    )
+                if self._stopped:
+                    return
+                self._wanted = False
+            backoff = 0.0 if self._sync_all() else min(max(backoff * 2, 0.2), 5.0)
+
+    def _sync_all(self) -> bool:
+        ok = True
+        for engine in self._engines():
+            try:
+                engine.sync()
+                self._on_synced(engine)
+            except StoreUnavailable as exc:
+                log.warning("catalogue sync deferred: %s", exc)
+                ok = False
+            except Exception:
+                log.exception("catalogue sync failed")
+                ok = False
+        return ok
+
+
 class VisionService(vision_pb2_grpc.VisionServiceServicer):
     service_names: Sequence[str] = (SERVICE_NAME,)
 
@@ -106,15 +194,21 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         if not isinstance(settings, VisionSettings):
             settings = VisionSettings(**settings.model_dump())
         self.settings = settings
+        self.runtime = runtime
         self.device = runtime.device
         torch.set_num_threads(settings.vision_torch_threads or max(1, len(os.sched_getaffinity(0)) - 1))
         self.gpu = select_index_gpu(
             runtime.device, settings.vision_index_gpu, explicit=settings.device.startswith("cuda")
         )
         self.limits = images.ImageLimits(settings.vision_max_image_bytes, settings.vision_max_image_pixels)
-        self.index_dir = Path(settings.vision_index_dir)
+        self.index_dir = settings.index_cache_dir
         self.catalogue: Catalogue | None = None
+        self._db: Database | None = None
         self.slot: ModelSlot[Engine] = runtime.model_slot(self._load)
+        # An engine loaded but not yet swapped in: the follower keeps it in sync too, so writes that
+        # land during a model swap are not missing from the new version's index.
+        self._pending: Engine | None = None
+        self.follower = CatalogueFollower(self._engines, settings.vision_sync_check_s, self._synced)
         self.batcher = runtime.batcher(
             self._run_batch, "vision", concurrency=settings.vision_inference_streams
         )
@@ -145,18 +239,50 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
             near_duplicate_threshold=s.vision_near_duplicate_threshold,
         )
 
+    def _open_catalogue(self) -> Catalogue:
+        """The catalogue on the runtime's store (opened once, migrated, followed). A corrupt SQLite file
+        raises CatalogueError and a store that is down StoreUnavailable: no version loads then."""
+        if self.catalogue is None:
+            if self._db is None:
+                try:
+                    self._db = self.runtime.database(STORE)
+                except sqlite3.DatabaseError as exc:
+                    raise CatalogueError(f"catalogue store {STORE} is unreadable: {exc}") from None
+            self.catalogue = Catalogue(self._db)
+            self._db.listen(CHANNEL, self.follower.notify)
+            self.follower.start()
+        return self.catalogue
+
     def _load(self, path: Path, manifest: Manifest) -> Engine:
         """Runs in a worker thread: load the version and open (or rebuild) its index. A corrupt
         catalogue raises, so no version loads and the service stays NOT_SERVING."""
-        if self.catalogue is None:
-            self.catalogue = Catalogue(self.index_dir / CATALOGUE_FILE)
+        catalogue = self._open_catalogue()
         embedder = model.load(path, manifest.version, self.device.torch)
-        engine = Engine.open(embedder, self.catalogue, self._options(), lambda _: self.m_rebuilds.inc())
+        engine = Engine.open(embedder, catalogue, self._options(), lambda _: self.m_rebuilds.inc())
         versions = {e.version for e in self.slot.store.versions()} | {manifest.version}
-        self.catalogue.prune_embeddings(versions)
+        catalogue.prune_embeddings(versions)
         remove_snapshots(self.index_dir, versions)
         self.m_size.set(engine.index.ntotal if engine.index else 0)
+        self._pending = engine  # nothing can fail from here on: the slot swaps it in next
+        self.follower.wake()
         return engine
+
+    def _engines(self) -> list[Engine]:
+        """The engines the follower keeps current: the serving one and one about to be swapped in."""
+        current = self.slot.current
+        engines = [current.model] if current is not None else []
+        pending = self._pending
+        if pending is not None:
+            if engines and engines[0] is pending:
+                self._pending = None
+            else:
+                engines.append(pending)
+        return engines
+
+    def _synced(self, engine: Engine) -> None:
+        current = self.slot.current
+        if current is not None and current.model is engine and engine.index is not None:
+            self.m_size.set(engine.index.ntotal)
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Done]:
         """Batcher function: one CNN call per model version in the batch (normally one), then one index
@@ -195,12 +321,16 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         return None
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.follower.stop)
         current = self.slot.current
         if current is not None:
-            await asyncio.to_thread(current.model.snapshot)
+            try:
+                await asyncio.to_thread(current.model.snapshot)
+            except OSError as exc:  # a cache: the next start replays the change log instead
+                log.warning("index snapshot not saved: %s", exc)
         self._decoder.shutdown(wait=True)
         if self.catalogue is not None:
-            self.catalogue.close()
+            self.catalogue.close()  # the runtime closes the store itself after this
 
     def register(self, server: grpc.aio.Server) -> None:
         vision_pb2_grpc.add_VisionServiceServicer_to_server(self, server)
@@ -230,9 +360,12 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
         )
 
     async def _sync_current(self) -> Engine:
+        """Bring the serving engine up to this replica's own write before answering, by the same
+        ``Engine.sync`` the change feed drives (whichever runs first applies it; the other finds
+        nothing new)."""
         engine = self.slot.require().model
         await asyncio.to_thread(engine.sync)
-        self.m_size.set(engine.index.ntotal if engine.index else 0)
+        self._synced(engine)
         return engine
 
     # --- methods ---
@@ -359,7 +492,8 @@ class VisionService(vision_pb2_grpc.VisionServiceServicer):
     async def GetIndexStats(
         self, request: vision_pb2.GetIndexStatsRequest, context: grpc.aio.ServicerContext
     ) -> vision_pb2.GetIndexStatsResponse:
-        engine = await self._sync_current()
+        """From memory, like searches: the change feed keeps the index current."""
+        engine = self.slot.require().model
         return await asyncio.to_thread(self._stats, engine)
 
 

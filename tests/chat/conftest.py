@@ -1,10 +1,10 @@
 """Chat test fixtures: a small real knowledge base (3 packaged articles x 3 languages, embedded once per
 session with the packaged e5 model), the demo orders, a model version built from a subset of the
-labelled intent examples, and real gRPC servers on ephemeral ports."""
+labelled intent examples, and real gRPC servers on ephemeral ports. The store is embedded (an SQLite file
+in the state dir) unless a test asks for the shared backend (``seed_shared``)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,10 +22,18 @@ from services.chat.intent import IntentParams, load_examples
 from services.chat.knowledge import Embedder, embed_missing, packaged_articles
 from services.chat.model import Policy
 from services.chat.server import ChatService
-from services.chat.store import ChatStore
+from services.chat.store import ArticleRecord, ChatStore
 from services.chat.train import build_intent_model, write_version
 from services.runtime.server import Server
+from services.runtime.state import StateConfig
+from tests import stores
 from tests.support import local_settings
+
+# Real PostgreSQL and Redis for the shared-backend tests (started on first use).
+postgres_server = stores.postgres_server
+redis_server = stores.redis_server
+pg_url = stores.pg_url
+redis_db = stores.redis_db
 
 ARTICLES = ("shipping-times", "returns-refunds", "order-tracking")
 LANGUAGES = ("en", "es", "ja")
@@ -34,8 +42,19 @@ INTENTS = {"shipping", "returns", "tracking", "order_status", "start_return", "h
 
 @dataclass(frozen=True)
 class Prepared:
-    db: Path
+    state_dir: Path  # holds chat.sqlite3: the articles (embedded) and the demo orders
     models_dir: Path
+    articles: tuple[ArticleRecord, ...]  # embedded once: seeding a store needs no model
+
+
+def open_store(state_dir: Path) -> ChatStore:
+    """The embedded store in ``state_dir`` (a second connection beside a running server's)."""
+    return ChatStore.open(StateConfig(state_dir=state_dir))
+
+
+def seed(store: ChatStore, prepared: Prepared) -> None:
+    store.upsert_articles(prepared.articles)
+    store.put_orders(DEMO_ORDERS)
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +65,11 @@ def embedder() -> Embedder:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Prepared:
     root = tmp_path_factory.mktemp("chat")
-    store = ChatStore(root / "data" / "chat.sqlite")
     articles = [a for a in packaged_articles() if a.article_id in ARTICLES and a.language in LANGUAGES]
     embed_missing(articles, embedder)
-    store.upsert_articles(articles)
-    store.put_orders(DEMO_ORDERS)
+    prepared = Prepared(root / "state", root / "models", tuple(articles))
+    store = open_store(prepared.state_dir)
+    seed(store, prepared)
     store.close()
     examples = [e for e in load_examples() if e[1] in INTENTS]
     intent = build_intent_model(examples, embedder).with_params(IntentParams(temperature=0.02))
@@ -63,21 +82,23 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Pr
         "test",
         {},
     )
-    return Prepared(root / "data" / "chat.sqlite", root / "models")
+    return prepared
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path, prepared: Prepared) -> Path:
-    """A private copy of the prepared database, so tests never see each other's sessions or upserts."""
-    d = tmp_path / "data"
-    d.mkdir()
-    shutil.copy(prepared.db, d / "chat.sqlite")
+def state_dir(tmp_path: Path, prepared: Prepared) -> Path:
+    """A private embedded store seeded with the prepared articles and orders, so tests never see each
+    other's sessions or upserts (seeded, not copied: a copy could miss what is still in the WAL)."""
+    d = tmp_path / "state"
+    store = open_store(d)
+    seed(store, prepared)
+    store.close()
     return d
 
 
-def chat_settings(prepared: Prepared, data_dir: Path, **overrides: Any) -> ChatSettings:
+def chat_settings(prepared: Prepared, state_dir: Path, **overrides: Any) -> ChatSettings:
     fields: dict[str, Any] = dict(
-        data_dir=data_dir,
+        state_dir=state_dir,
         llm_backend="none",
         sentiment_addr="127.0.0.1:9",  # nothing listens there: the local heuristic is used
     )
@@ -111,8 +132,8 @@ async def converse(
 
 
 @pytest.fixture
-def settings(prepared: Prepared, data_dir: Path) -> ChatSettings:
-    return chat_settings(prepared, data_dir)
+def settings(prepared: Prepared, state_dir: Path) -> ChatSettings:
+    return chat_settings(prepared, state_dir)
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ async def _until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_gguf_answer_streams_and_product_copy_uses_the_llm(prepared: Prepared, data_dir: Path) -> None:
-    settings = chat_settings(prepared, data_dir, llm_backend="gguf", llm_max_tokens=24, llm_parallel=2)
+async def test_gguf_answer_streams_and_product_copy_uses_the_llm(prepared: Prepared, state_dir: Path) -> None:
+    settings = chat_settings(prepared, state_dir, llm_backend="gguf", llm_max_tokens=24, llm_parallel=2)
     async with running(settings) as (server, stub):
         deltas, result = await converse(stub, QUESTION, market="CA")
         assert result.answer_source == chat_pb2.ANSWER_SOURCE_LLM and result.language == "en"
@@ -48,10 +48,15 @@ async def test_gguf_answer_streams_and_product_copy_uses_the_llm(prepared: Prepa
         assert "Dimensions: 11.8 in" in copy.bullets  # facts stay templated and exact
 
 
-async def test_client_cancel_stops_generation(prepared: Prepared, data_dir: Path) -> None:
+async def test_client_cancel_stops_generation(prepared: Prepared, state_dir: Path) -> None:
     max_tokens = 400
     settings = chat_settings(
-        prepared, data_dir, llm_backend="gguf", llm_max_tokens=max_tokens, llm_ignore_eos=True, llm_parallel=1
+        prepared,
+        state_dir,
+        llm_backend="gguf",
+        llm_max_tokens=max_tokens,
+        llm_ignore_eos=True,
+        llm_parallel=1,
     )
     async with running(settings) as (server, stub):
         service = server.service
@@ -151,11 +156,11 @@ def test_hf_backend_loads_streams_and_stops(tiny_hf_model: Path, no_network: Non
 
 
 async def test_hf_backend_serves_converse(
-    tiny_hf_model: Path, prepared: Prepared, data_dir: Path, no_network: None
+    tiny_hf_model: Path, prepared: Prepared, state_dir: Path, no_network: None
 ) -> None:
     settings = chat_settings(
         prepared,
-        data_dir,
+        state_dir,
         llm_backend="hf",
         llm_path=str(tiny_hf_model),
         llm_max_tokens=8,

@@ -16,9 +16,8 @@ from cbec.common.v1 import common_pb2
 from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.chat.store import ChatStore
 from services.runtime.errors import field_violations
-from tests.chat.conftest import Prepared, chat_settings, converse, running
+from tests.chat.conftest import Prepared, chat_settings, converse, open_store, running
 
 
 async def test_health_and_article_answer_in_the_customers_language(settings, stub) -> None:
@@ -58,7 +57,7 @@ async def test_order_status_and_prompt_injection_cannot_reach_other_customers(st
     assert "JD014600006281" not in anon.answer
 
 
-async def test_start_return_is_an_action_on_the_callers_order(stub, data_dir: Path) -> None:
+async def test_start_return_is_an_action_on_the_callers_order(stub, state_dir: Path) -> None:
     _, first = await converse(stub, "Quiero devolver el pedido CB-100245", user_id="u-1001")
     assert first.intent == "start_return" and "RT-" in first.answer and first.language == "es"
     _, again = await converse(stub, "Quiero devolver el pedido CB-100245", user_id="u-1001")
@@ -67,7 +66,7 @@ async def test_start_return_is_an_action_on_the_callers_order(stub, data_dir: Pa
     assert "RT-" not in not_yet.answer  # not delivered yet
     _, other = await converse(stub, "I want to return order CB-100262", user_id="u-1001")
     assert "RT-" not in other.answer  # u-1002's order
-    store = ChatStore(data_dir / "chat.sqlite")
+    store = open_store(state_dir)
     assert store.order_for_user("CB-100245", "u-1001").status == "return_started"  # type: ignore[union-attr]
     assert store.order_for_user("CB-100262", "u-1002").status == "delivered"  # type: ignore[union-attr]
     store.close()
@@ -115,18 +114,18 @@ async def sentiment_server() -> AsyncIterator[tuple[str, _GrumpySentiment]]:
 
 
 async def test_handoff_uses_the_sentiment_service_when_reachable(
-    prepared: Prepared, data_dir: Path, sentiment_server: tuple[str, _GrumpySentiment]
+    prepared: Prepared, state_dir: Path, sentiment_server: tuple[str, _GrumpySentiment]
 ) -> None:
     address, servicer = sentiment_server
-    async with running(chat_settings(prepared, data_dir, sentiment_addr=address)) as (_, stub):
+    async with running(chat_settings(prepared, state_dir, sentiment_addr=address)) as (_, stub):
         # A calm question: the heuristic would not hand off, so only the service can have said so.
         _, result = await converse(stub, "How long does shipping to Spain take?")
     assert servicer.calls == 1
     assert result.handoff and "sentiment-service" in result.handoff_reason
 
 
-async def test_sessions_mask_pii_bound_history_and_expire(prepared: Prepared, data_dir: Path) -> None:
-    settings = chat_settings(prepared, data_dir, session_max_turns=4, session_ttl_s=600)
+async def test_sessions_mask_pii_bound_history_and_expire(prepared: Prepared, state_dir: Path) -> None:
+    settings = chat_settings(prepared, state_dir, session_max_turns=4, session_ttl_s=600)
     async with running(settings) as (_, stub):
         _, r1 = await converse(
             stub,
@@ -142,17 +141,19 @@ async def test_sessions_mask_pii_bound_history_and_expire(prepared: Prepared, da
         assert [t.role for t in got.turns] == [chat_pb2.ROLE_CUSTOMER, chat_pb2.ROLE_ASSISTANT] * 2
         assert got.expire_time.ToDatetime() > got.created_time.ToDatetime()
         # The masked first turn was stored before it was dropped; check it directly in SQLite.
-        store = ChatStore(data_dir / "chat.sqlite")
+        store = open_store(state_dir)
         _, r4 = await converse(stub, "card 5500 0000 0000 0004 mail bob@shop.example", user_id="u-1001")
         stored = " ".join(t.text for t in store.get_session(r4.session_id).turns)  # type: ignore[union-attr]
+        transcript = store.transcript(sid)  # the durable record keeps what the session window dropped
         store.close()
         assert "5500" not in stored and "bob@" not in stored and "[card]" in stored and "[email]" in stored
+        assert len(transcript) == 6 and "[card]" in transcript[0].text and "4111" not in transcript[0].text
         # another user cannot continue (or learn about) this session
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await converse(stub, "hi", session_id=sid, user_id="u-1002")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         # Past the TTL the session reads as missing and is deleted (clock moved, not slept).
-        store = ChatStore(data_dir / "chat.sqlite")
+        store = open_store(state_dir)
         expires = got.expire_time.ToNanoseconds() / 1e9
         assert store.get_session(sid, now=expires - 1) is not None
         assert store.get_session(sid, now=expires + 1) is None
@@ -203,7 +204,7 @@ async def test_pii_never_reaches_the_logs(stub, caplog: pytest.LogCaptureFixture
 
 
 async def test_upsert_knowledge_is_searchable_at_once_and_persisted(
-    prepared: Prepared, data_dir: Path
+    prepared: Prepared, state_dir: Path
 ) -> None:
     article = chat_pb2.Article(
         article_id="gift-cards",
@@ -216,7 +217,7 @@ async def test_upsert_knowledge_is_searchable_at_once_and_persisted(
     )
     bad = chat_pb2.Article(article_id="Bad Id!", topic="x", language="english", title="", body="")
     question = "Wie lange ist mein Geschenkgutschein gültig?"  # German; the article exists in English only
-    async with running(chat_settings(prepared, data_dir)) as (_, stub):
+    async with running(chat_settings(prepared, state_dir)) as (_, stub):
         r = await stub.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[bad, article]))
         assert r.upserted_count == 1
         assert [x.index for x in r.rejected] == [0]
@@ -227,7 +228,7 @@ async def test_upsert_knowledge_is_searchable_at_once_and_persisted(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    async with running(chat_settings(prepared, data_dir)) as (_, stub):  # a restart keeps it
+    async with running(chat_settings(prepared, state_dir)) as (_, stub):  # a restart keeps it
         _, result = await converse(stub, question)
         assert result.sources[0].article_id == "gift-cards"
 

@@ -12,17 +12,16 @@ from services.chat.intent import IntentResult
 from services.chat.knowledge import Embedder
 from services.chat.model import ChatModel, load_chat_model
 from services.chat.sentiment import Mood
-from services.chat.store import ChatStore
 from services.chat.text import Language, LanguageDetector
 from services.runtime.model_store import ModelStore
-from tests.chat.conftest import Prepared
+from tests.chat.conftest import Prepared, open_store, seed
 
 CALM = Mood(False, 0.1, "heuristic")
 
 
 @pytest.fixture(scope="module")
 def parts(prepared: Prepared) -> tuple[HybridIndex, ChatModel, LanguageDetector]:
-    store = ChatStore(prepared.db)
+    store = open_store(prepared.state_dir)
     index = HybridIndex(store.articles())
     store.close()
     entry = ModelStore(prepared.models_dir, "chat").newest_valid()
@@ -85,7 +84,7 @@ def test_low_confidence_hands_off(
     parts: tuple[HybridIndex, ChatModel, LanguageDetector], tmp_path: Path
 ) -> None:
     _, model, _ = parts
-    store = ChatStore(tmp_path / "s.sqlite")
+    store = open_store(tmp_path)
     p = plan(_understanding("shipping", 0.1, "de"), model, CALM, store, "u-1001")
     assert p.handoff and p.answer_source == HANDOFF and "low confidence" in p.handoff_reason
     assert "Kundenservice" not in p.text and "Kollegin" in p.text  # the German hand-off reply
@@ -97,11 +96,9 @@ def test_low_confidence_hands_off(
 def test_order_lookup_is_scoped_to_the_caller(
     parts: tuple[HybridIndex, ChatModel, LanguageDetector], prepared: Prepared, tmp_path: Path
 ) -> None:
-    import shutil
-
     _, model, _ = parts
-    shutil.copy(prepared.db, tmp_path / "c.sqlite")
-    store = ChatStore(tmp_path / "c.sqlite")
+    store = open_store(tmp_path)
+    seed(store, prepared)
     mine = plan(_understanding("order_status", 0.9, ids=["CB-100231"]), model, CALM, store, "u-1001")
     assert "JD014600006281" in mine.text
     theirs = plan(_understanding("order_status", 0.9, ids=["CB-100250"]), model, CALM, store, "u-1001")

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,7 +35,7 @@ from google.protobuf import timestamp_pb2
 from tests.deploy.chart_run import ChartCluster, Pod, prepare_models_dir
 from tests.deploy.conftest import helm_template
 from tests.deploy.tiny_models import build_all
-from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, RedisServer
+from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, RedisServer, remove_tree_later
 
 STATEFUL = ("recommender", "chat", "sentiment", "vision", "risk")
 # The limited key's bucket: small enough that two gateways with per-replica buckets would allow twice it.
@@ -92,8 +93,20 @@ def scaleout_values(pg: PostgresServer, pg_url: str, redis: RedisServer, replica
 
 
 @contextlib.contextmanager
-def running_suite(work: Path, replicas: int = 2, startup_timeout: float = 300.0) -> Iterator[Suite]:
-    """Stores from the distribution's packages, tiny models, the rendered chart started as processes."""
+def running_suite(replicas: int = 2, startup_timeout: float = 300.0) -> Iterator[Suite]:
+    """Stores from the distribution's packages, tiny models, the rendered chart started as processes.
+
+    Everything lives in a fresh folder under the system temp dir that the pod user can traverse
+    (pytest's own temp root is private to the user running the tests)."""
+    work = Path(tempfile.mkdtemp(prefix="cbec-cluster-"))
+    work.chmod(0o755)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(remove_tree_later, work)
+        yield cleanup.enter_context(_suite(work, replicas, startup_timeout))
+
+
+@contextlib.contextmanager
+def _suite(work: Path, replicas: int, startup_timeout: float) -> Iterator[Suite]:
     with PostgresServer() as pg, RedisServer() as redis:
         pg_url = pg.create_database("cbec_scaleout")
         models = work / "models"

@@ -219,7 +219,7 @@ def test_security_context_on_every_container(combos: dict[str, Rendered]) -> Non
                 assert sc["readOnlyRootFilesystem"] is True
                 assert sc["allowPrivilegeEscalation"] is False
                 assert sc["capabilities"] == {"drop": ["ALL"]}
-                assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # the only writable path
+                assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # writable: an emptyDir
 
 
 def test_autoscaling_replaces_replicas_and_adds_custom_metrics(combos: dict[str, Rendered]) -> None:
@@ -265,24 +265,27 @@ def test_pdb_and_topology_spread_select_the_service_pods(default_chart: Rendered
 
 
 def test_network_policies_let_only_the_gateway_reach_the_services(combos: dict[str, Rendered]) -> None:
+    # The full matrix of allowed calls is in test_chart_state.py; this checks the rules' shape.
     rendered = combos["network policies"]
-    gateway_labels = rendered.deployment("gateway")["spec"]["template"]["metadata"]["labels"]
+    labels = {n: rendered.deployment(n)["spec"]["template"]["metadata"]["labels"] for n in ALL_SERVICES}
     for name in MODEL_SERVICES:
         policy = rendered.get("NetworkPolicy", f"shop-cbec-{name}")["spec"]
-        assert policy["podSelector"]["matchLabels"].items() <= (
-            rendered.deployment(name)["spec"]["template"]["metadata"]["labels"].items()
-        )
+        assert policy["podSelector"]["matchLabels"].items() <= labels[name].items()
+        assert policy["policyTypes"] == ["Ingress", "Egress"]
         grpc_rule, metrics_rule = policy["ingress"]
         assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-        [peer] = grpc_rule["from"]
-        assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+        callers = ["gateway", "chat"] if name == "sentiment" else ["gateway"]  # chat's anger check
+        assert len(grpc_rule["from"]) == len(callers)
+        for peer, caller in zip(grpc_rule["from"], callers, strict=True):
+            assert peer["podSelector"]["matchLabels"].items() <= labels[caller].items()
         assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
         assert metrics_rule["from"] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         ]
     gateway = rendered.get("NetworkPolicy", "shop-cbec-gateway")["spec"]
     assert gateway["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
-    assert not helm_template().of_kind("NetworkPolicy")
+    assert helm_template().of_kind("NetworkPolicy")  # on by default
+    assert not helm_template({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")
 
 
 def test_models_from_a_pvc_read_only_with_the_version_visible(default_chart: Rendered) -> None:

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    with running_suite(tmp_path_factory.mktemp("scaleout")) as running:
+def suite() -> Iterator[Suite]:
+    with running_suite() as running:
         yield running
 
 

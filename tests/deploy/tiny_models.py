@@ -89,15 +89,21 @@ def sentiment(models_dir: Path, work: Path) -> str:
 
 
 def vision(models_dir: Path) -> str:
-    # The pretrained backbone with an identity-sized duplicate projector fitted on random features: the
-    # harness checks index membership across replicas, not search quality.
+    """The pretrained backbone at 32 px with a duplicate projector fitted on synthetic product photos."""
     import numpy as np
 
     from services.runtime.model_store import ModelStore
-    from services.vision import model, train
+    from services.vision import features, model, train
+    from services.vision.images import ImageLimits, decode
+    from tests.vision import imagegen
 
-    rng = np.random.default_rng(0)
-    projector = model.DuplicateProjector.fit(rng.normal(size=(64, 1280)).astype(np.float32), dim=32)
+    pngs = [
+        imagegen.encode(imagegen.draw(shape, colour, seed=7000 + 97 * s + 13 * c))
+        for s, shape in enumerate(imagegen.SHAPES)
+        for c, colour in enumerate(imagegen.COLOURS)
+    ]
+    pixels = np.stack([decode(p, 32, ImageLimits()) for p in pngs])
+    projector = model.DuplicateProjector.fit(features.extract(pixels, progress=False), dim=16)
     spec = model.pretrained_spec(32, 0.9)
     result = train.FitResult(spec, None, projector, {"val_precision_at_10": 0.0}, {"kind": "pretrained"})
     return train.write_version(ModelStore(models_dir, "vision"), result)

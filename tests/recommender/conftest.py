@@ -20,6 +20,7 @@ from services.recommender.train import Prepared, TrainConfig, embed_catalogue, p
 from services.runtime.device import Device
 from services.runtime.model_store import ModelStore
 from services.runtime.server import Server
+from tests.stores import pg_url, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
 from tests.support import local_settings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -64,9 +65,9 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Shop:
 
 
 def settings_for(models_dir: Path, tmp: Path, cache: Path, **overrides: Any) -> RecommenderSettings:
-    fields: dict[str, Any] = dict(
-        service="recommender", events_path=tmp / "events.sqlite3", embeddings_cache=cache
-    )
+    """A replica's settings: its own state dir under ``tmp`` (the embedded event store lives there,
+    ``recommender.sqlite3``), the session's embeddings cache."""
+    fields: dict[str, Any] = dict(service="recommender", state_dir=tmp / "state", embeddings_cache=cache)
     return local_settings(RecommenderSettings, models_dir, **{**fields, **overrides})
 
 

@@ -60,8 +60,10 @@ def test_cleaning_drops_bad_rows_merges_duplicates_and_erased_users() -> None:
 def test_event_store_is_a_readable_interactions_file(tmp_path: Path) -> None:
     store = EventStore(tmp_path / "events.sqlite3")
     store.append([Event("u1", "i1", 3, None, 100.0, "DE"), Event("u1", "i2", 4, 4.0, 101.0, "")])
+    frame, last = store.interactions_frame()
     store.close()
-    clean, _ = D.clean_interactions(D.load_interactions(tmp_path / "events.sqlite3"))
+    assert last == 2
+    clean, _ = D.clean_interactions(frame)
     assert clean.set_index("item_id")["weight"].to_dict() == {"i1": D.EVENT_WEIGHTS["purchase"], "i2": 1.0}
     with sqlite3.connect(tmp_path / "other.db") as conn:
         conn.execute("CREATE TABLE t (a)")

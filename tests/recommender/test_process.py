@@ -29,18 +29,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(shop: Shop, events: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+def start(
+    shop: Shop, state_dir: Path, extra_env: dict[str, str] | None = None, port: int = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The service as the chart starts it: settings from the environment, state in CBEC_STATE_DIR
+    (the embedded store) or in the shared PostgreSQL (``extra_env``: tests.stores.store_env)."""
+    port = port or free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("CBEC_")},
         "CBEC_HOST": "127.0.0.1",
         "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_ENABLED": "false",
         "CBEC_MODELS_DIR": str(shop.models_dir),
         "CBEC_DEVICE": "cpu",
-        "CBEC_EVENTS_PATH": str(events),
+        "CBEC_STATE_DIR": str(state_dir),
         "CBEC_EMBEDDINGS_CACHE": str(shop.cache_path),
         "CBEC_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.recommender"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
@@ -64,9 +69,9 @@ async def wait_serving(port: int, timeout: float = 60) -> None:
 
 
 async def test_sigkill_right_after_record_interactions_loses_no_event(shop: Shop, tmp_path: Path) -> None:
-    events = tmp_path / "events.sqlite3"
+    state = tmp_path / "state"
     items = [str(i) for i in shop.prepared.items.item_id[:6]]
-    proc, port = start(shop, events)
+    proc, port = start(shop, state)
     try:
         await wait_serving(port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -81,11 +86,11 @@ async def test_sigkill_right_after_record_interactions_loses_no_event(shop: Shop
     finally:
         if proc.poll() is None:
             proc.kill()
-    store = EventStore(events)
+    store = EventStore(state / "recommender.sqlite3")  # the embedded store lives in CBEC_STATE_DIR
     assert sorted(e.item_id for e in store.events_for_user("durable")) == sorted(items)
     store.close()
     # a new process replays the events: the user is personalised on them and they are not re-recommended
-    proc, port = start(shop, events)
+    proc, port = start(shop, state)
     try:
         await wait_serving(port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -64,7 +64,8 @@ def test_retraining_from_the_event_log_applies_events_and_erasure(shop: Shop, tm
     )
     store.close()
     prepared = train.prepare(shop.interactions_path, shop.items_path, tmp_path / "events.sqlite3")
-    assert prepared.report.dropped_forgotten > 0 and prepared.events_seq == 6
+    # the newest event read is seq 5 (the erasure deleted seq 6): the engine folds in from there
+    assert prepared.report.dropped_forgotten > 0 and prepared.events_seq == 5
     assert known not in set(prepared.interactions.user_id) and "newcomer" in set(
         prepared.interactions.user_id
     )
@@ -78,9 +79,27 @@ def test_retraining_from_the_event_log_applies_events_and_erasure(shop: Shop, tm
     )
     bundle = load_bundle(tmp_path / "m" / "recommender" / result.version)
     assert known not in set(bundle.users) and "newcomer" in set(bundle.users)
-    assert bundle.events_seq == 6 and bundle.index is not None
+    assert bundle.events_seq == 5 and bundle.index is not None
     row = int(bundle.user_pos.get_indexer(["newcomer"])[0])
     assert bundle.history[row].nnz == 5 and np.any(bundle.model.user_factors[row])
     # the event store itself is a training input too
     again = train.prepare(tmp_path / "events.sqlite3")
     assert set(again.interactions.user_id) == {"newcomer"}
+
+
+def test_store_names_the_event_store_of_the_cbec_settings(
+    shop: Shop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--events store`` reads the store the server writes: here the embedded one in CBEC_STATE_DIR
+    (a training job in the cluster reads the shared PostgreSQL the same way: test_replicas.py)."""
+    monkeypatch.setenv("CBEC_STATE_DIR", str(tmp_path / "state"))
+    store = EventStore(tmp_path / "state" / "recommender.sqlite3")
+    items = [str(i) for i in shop.prepared.items.item_id[:4]]
+    store.append([Event("from-the-store", i, 3, None, 1e9) for i in items])
+    store.close()
+    prepared = train.prepare(shop.interactions_path, shop.items_path, train.STORE)
+    assert "from-the-store" in set(prepared.interactions.user_id) and prepared.events_seq == 4
+    alone = train.prepare(train.STORE)
+    assert set(alone.interactions.user_id) == {"from-the-store"}
+    assert alone.fingerprint and alone.fingerprint != prepared.fingerprint
+    assert train._cache_path() == tmp_path / "state" / "recommender" / "embeddings.sqlite3"

@@ -23,7 +23,15 @@ from services.sentiment.embed import EmbeddingCache, embed_cached
 from services.sentiment.encoder import Encoder
 from services.sentiment.server import SentimentService
 from services.sentiment.train import Embedded, HeadParams, train
+from tests import stores
 from tests.support import local_settings
+
+# Real PostgreSQL / Redis for the shared-backend tests, by assignment (importing the names would trip
+# ruff's F811 on the test parameters). Started only by the tests that ask for them.
+postgres_server = stores.postgres_server
+redis_server = stores.redis_server
+pg_url = stores.pg_url
+redis_db = stores.redis_db
 
 PER_CLASS = {"train": 30, "val": 8, "test": 10}
 TINY_MULTILINGUAL = [
@@ -93,15 +101,16 @@ def trained(
     return models, version, evaluation
 
 
-def settings_for(models_dir: Path, db_path: Path, **overrides: Any) -> SentimentSettings:
-    fields: dict[str, Any] = dict(service="sentiment", sentiment_db_path=db_path, batch_max_delay_ms=2)
+def settings_for(models_dir: Path, state_dir: Path, **overrides: Any) -> SentimentSettings:
+    """A test server's settings: the review store under ``state_dir`` unless overridden (shared)."""
+    fields: dict[str, Any] = dict(service="sentiment", state_dir=state_dir, batch_max_delay_ms=2)
     return local_settings(SentimentSettings, models_dir, **{**fields, **overrides})
 
 
 @pytest.fixture
 async def server(trained: tuple[Path, str, dict[str, Any]], tmp_path: Path) -> AsyncIterator[Server]:
     srv = Server(
-        settings_for(trained[0], tmp_path / "reviews.db", sentiment_max_texts_per_call=64), SentimentService
+        settings_for(trained[0], tmp_path / "state", sentiment_max_texts_per_call=64), SentimentService
     )
     await srv.start()
     yield srv

@@ -147,7 +147,7 @@ def test_head_names_its_pooling(trained: tuple[Path, str, dict], encoder: Encode
 async def test_hf_version_serves_through_grpc(hf_dir: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     version = import_hf_directory(ModelStore(models, "sentiment"), hf_dir)
-    srv = Server(settings_for(models, tmp_path / "reviews.db"), SentimentService)
+    srv = Server(settings_for(models, tmp_path / "state"), SentimentService)
     await srv.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:

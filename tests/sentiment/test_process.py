@@ -1,4 +1,5 @@
-"""The service as a real process: reviews whose ingestion was acknowledged survive ``kill -9``."""
+"""The service as a real process: reviews whose ingestion was acknowledged survive ``kill -9``, in the
+embedded store (an SQLite file under CBEC_STATE_DIR) and in the shared PostgreSQL."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(models: Path, db: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start(models: Path, state: Path, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
         **os.environ,
@@ -37,9 +38,10 @@ def start(models: Path, db: Path) -> tuple[subprocess.Popen[bytes], int]:
         "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_ENABLED": "false",
         "CBEC_MODELS_DIR": str(models),
-        "CBEC_SENTIMENT_DB_PATH": str(db),
+        "CBEC_STATE_DIR": str(state),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
+        **extra,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.sentiment"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
@@ -67,10 +69,10 @@ async def test_acknowledged_reviews_survive_kill_9(
     trained: tuple[Path, str, dict[str, Any]], tmp_path: Path
 ) -> None:
     models, _, _ = trained
-    db = tmp_path / "reviews.db"
+    state = tmp_path / "state"
     now = datetime.now(UTC)
     created = now - timedelta(hours=3)
-    proc, port = start(models, db)
+    proc, port = start(models, state)
     try:
         await wait_serving(port, proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -97,13 +99,15 @@ async def test_acknowledged_reviews_survive_kill_9(
             proc.kill()
 
     # the file alone, opened fresh: every acknowledged review and its aggregates are there
-    store = ReviewStore(db)
+    assert sorted(p.name for p in state.glob("*.sqlite3")) == ["sentiment.sqlite3"]
+    assert not (models / "sentiment-data").exists()  # nothing written under the models dir
+    store = ReviewStore(state / "sentiment.sqlite3")
     assert store.count() == 12
     stored = store.get("b2-3")
     assert stored is not None and stored["market"] == "PL" and stored["lang"] == "pl"
     store.close()
 
-    proc, port = start(models, db)
+    proc, port = start(models, state)
     try:
         await wait_serving(port, proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -17,6 +17,7 @@ from services.vision import features, model, train
 from services.vision.config import VisionSettings
 from services.vision.images import ImageLimits, decode
 from services.vision.server import VisionService
+from tests.stores import pg_url, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
 from tests.support import local_settings
 from tests.vision import imagegen
 
@@ -91,7 +92,7 @@ def models_dir(tmp_path: Path, projector: model.DuplicateProjector, threshold: f
 def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> VisionSettings:
     fields: dict[str, Any] = dict(
         service="vision",
-        vision_index_dir=tmp_path / "index",
+        state_dir=tmp_path / "state",
         vision_data_dir=tmp_path / "data",
         vision_max_image_bytes=200_000,
         vision_max_image_pixels=4_000_000,

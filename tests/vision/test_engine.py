@@ -115,12 +115,16 @@ def test_another_model_version_rebuilds_never_mixes(
         png = next(png for pid, *_, png in items if pid == product.product_id)
         fresh = finetuned.embed(prepare(png, IMAGE_SIZE, LIMITS).pixels[None])[0]
         assert np.allclose(stored[product.row_id], fresh, atol=1e-4)
-    # A product indexed through the old engine (e.g. during a model swap) is re-embedded by the new one.
+    # A product indexed through the old engine (e.g. during a model swap) is re-embedded by the new one
+    # when it follows the change log (searches never read the store; the change feed drives sync).
     add(
         catalogue,
         pretrained,
         [("late", "circle", "DE", imagegen.encode(imagegen.draw("circle", "blue", 99)))],
     )
+    embedded = new.embedded
+    assert new.sync() == 1
+    assert new.embedded == embedded + 1
     assert "late" in query(new, imagegen.encode(imagegen.draw("circle", "blue", 99)), 1)
     assert new.stats()["size"] == 21
     # The first model's snapshot still opens for that model, untouched by the second.

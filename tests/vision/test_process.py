@@ -18,7 +18,9 @@ from tests.vision.conftest import index_requests, stream
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(tmp_path: Path, models_dir: Path, port: int) -> subprocess.Popen[str]:
+def start(
+    tmp_path: Path, models_dir: Path, port: int, extra: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "CBEC_HOST": "127.0.0.1",
@@ -27,9 +29,10 @@ def start(tmp_path: Path, models_dir: Path, port: int) -> subprocess.Popen[str]:
         "CBEC_MODELS_DIR": str(models_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
-        "CBEC_VISION_INDEX_DIR": str(tmp_path / "index"),
+        "CBEC_STATE_DIR": str(tmp_path / "state"),
         "CBEC_VISION_DATA_DIR": str(tmp_path / "data"),
         "CBEC_VISION_SNAPSHOT_EVERY": "100000",  # no snapshot after indexing: the restart must replay
+        **(extra or {}),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "services.vision"],

@@ -16,7 +16,7 @@ from PIL import Image
 
 from services.runtime.errors import field_violations
 from services.runtime.server import Server
-from services.vision.server import CATALOGUE_FILE, VisionService
+from services.vision.server import VisionService
 from tests.vision import imagegen
 from tests.vision.conftest import index_requests, make_settings, stream, write_finetuned
 
@@ -217,8 +217,8 @@ async def test_restart_loads_the_snapshot_and_switching_models_reindexes(
 
 async def test_corrupt_catalogue_at_start_refuses_to_serve(tmp_path: Path, models_dir: Path) -> None:
     settings = make_settings(tmp_path, models_dir)
-    settings.vision_index_dir.mkdir(parents=True)
-    (settings.vision_index_dir / CATALOGUE_FILE).write_bytes(b"\x00garbage, not SQLite" * 500)
+    settings.state_dir.mkdir(parents=True)
+    (settings.state_dir / "vision.sqlite3").write_bytes(b"\x00garbage, not SQLite" * 500)
     srv = Server(settings, VisionService)
     await srv.start()
     try:
@@ -243,7 +243,7 @@ async def test_corrupt_index_file_at_start_is_rebuilt(tmp_path: Path, models_dir
     async with grpc.aio.insecure_channel(f"127.0.0.1:{first.grpc_port}") as channel:
         await index_all(vision_pb2_grpc.VisionServiceStub(channel))
     await first.stop(grace=1)
-    for path in settings.vision_index_dir.glob("index-*.faiss"):
+    for path in settings.index_cache_dir.glob("index-*.faiss"):
         payload = bytearray(path.read_bytes())
         payload[len(payload) // 3 : len(payload) // 3 + 64] = b"\xff" * 64
         path.write_bytes(bytes(payload))
