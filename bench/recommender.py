@@ -488,7 +488,7 @@ async def serve_and_load(
         "CBEC_MODELS_DIR": str(models_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
-        "CBEC_EVENTS_PATH": str(events),
+        "CBEC_STATE_DIR": str(events.parent / "state"),
         "CBEC_EMBEDDINGS_CACHE": str(models_dir / "embeddings.sqlite3"),
     }
     t0 = time.perf_counter()

@@ -177,7 +177,13 @@ def prepare_service(
     settings: VisionSettings, fit: train.FitResult, digest: str, work: Path, index_size: int
 ) -> VisionSettings:
     """A model store with the benchmark's model and a catalogue of the indexed images."""
-    served = settings.model_copy(update={"models_dir": work / "models", "vision_index_dir": work / "index"})
+    served = settings.model_copy(
+        update={
+            "models_dir": work / "models",
+            "vision_index_dir": work / "index",
+            "state_dir": work / "state",
+        }
+    )
     version = train.write_version(ModelStore(served.models_dir, "vision"), fit, digest)
     embedder = model.load(served.models_dir / "vision" / version, version)
     defaults.index_default_catalogue(served, embedder, index_size)
@@ -195,6 +201,7 @@ def start_server(served: VisionSettings, port: int) -> subprocess.Popen[bytes]:
         "CBEC_LOG_LEVEL": "WARNING",
         "CBEC_MODELS_DIR": str(served.models_dir),
         "CBEC_VISION_INDEX_DIR": str(served.vision_index_dir),
+        "CBEC_STATE_DIR": str(served.state_dir),
         "CBEC_VISION_DATA_DIR": str(served.vision_data_dir),
         "CBEC_BATCH_MAX_SIZE": "32",
     }

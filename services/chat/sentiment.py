@@ -82,7 +82,12 @@ class SentimentClient:
         if self.address and time.monotonic() >= self._down_until:
             try:
                 if self._stub is None:
-                    self._channel = grpc.aio.insecure_channel(self.address)
+                    # round_robin over every sentiment pod (a headless Service resolves to all of them);
+                    # the default pick_first would send every call to one pod.
+                    self._channel = grpc.aio.insecure_channel(
+                        self.address,
+                        options=[("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')],
+                    )
                     self._stub = sentiment_pb2_grpc.SentimentServiceStub(self._channel)
                 response = await self._stub.Analyze(
                     sentiment_pb2.AnalyzeRequest(texts=[sentiment_pb2.TextInput(id="m", text=text)]),

@@ -75,10 +75,13 @@ def read_table(path: Path | str) -> pd.DataFrame:
 
 
 def _read_event_store(path: Path) -> pd.DataFrame:
+    """An embedded event store file (``<CBEC_STATE_DIR>/recommender.sqlite3``), read-only."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         try:
             df = pd.read_sql_query(
-                "SELECT user_id, item_id, type, rating, occurred AS timestamp, market FROM events", conn
+                "SELECT user_id, item_id, type, rating, occurred AS timestamp, market "
+                "FROM recommender_events ORDER BY seq",
+                conn,
             )
         except Exception as exc:  # pandas wraps sqlite errors differently across versions
             raise DataError(f"{path}: not a recommender event store ({exc})") from None

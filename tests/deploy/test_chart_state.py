@@ -280,7 +280,7 @@ def test_state_env_names_per_container(renders: dict[str, Rendered]) -> None:
     model = {"CBEC_MODELS_DIR", "CBEC_MODEL_VERSION", "CBEC_MODEL_POLL_S"}
     expected = {
         "gateway": serving
-        | {"CBEC_HTTP_PORT", "CBEC_ENV"}
+        | {"CBEC_HTTP_PORT", "CBEC_ENV", "CBEC_RATE_LIMIT_REPLICAS"}
         | {f"CBEC_{s.upper()}_ADDRESS" for s in MODEL_SERVICES},
         "chat": serving | model | {"CBEC_SENTIMENT_ADDR"},
         **{s: serving | model for s in ("recommender", "sentiment", "vision", "risk")},

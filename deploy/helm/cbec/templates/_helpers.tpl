@@ -273,6 +273,10 @@ Serving containers also get ports, the pinned model version, model polling and b
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and (eq $name "gateway") (not $train) -}}
+{{- /* The gateway's share of the global rate limit while Redis is unreachable: rate / replicas. */ -}}
+{{- $_ := set $env "CBEC_RATE_LIMIT_REPLICAS" (toString (ternary $s.autoscaling.minReplicas $s.replicas $s.autoscaling.enabled)) -}}
+{{- end -}}
 {{- range $k, $v := $s.env -}}
 {{- $_ := set $env $k (toString $v) -}}
 {{- end -}}
