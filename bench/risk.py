@@ -113,7 +113,7 @@ def start_server(models_dir: Path, state_dir: Path) -> tuple[subprocess.Popen[by
         "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_PORT": str(metrics_port),
         "CBEC_MODELS_DIR": str(models_dir),
-        "CBEC_RISK_STATE_PATH": str(state_dir / "state.sqlite3"),
+        "CBEC_STATE_DIR": str(state_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
@@ -212,9 +212,7 @@ def main() -> None:
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-risk-"))
     try:
-        settings = RiskSettings(
-            service="risk", models_dir=work / "models", risk_state_path=work / "none.sqlite3"
-        )
+        settings = RiskSettings(service="risk", models_dir=work / "models", state_dir=work / "state")
         started = time.perf_counter()
         version, result = train_and_save(settings, TrainConfig(threads=args.threads), use_outcomes=False)
         train_s = time.perf_counter() - started

@@ -1,7 +1,12 @@
-"""Risk service settings: the runtime's ``CBEC_*`` settings plus ``CBEC_RISK_*`` ones."""
+"""Risk service settings: the runtime's ``CBEC_*`` settings plus ``CBEC_RISK_*`` ones.
+
+Where state lives is the runtime's business (``CBEC_STATE_BACKEND``, ``CBEC_STATE_DIR``,
+``CBEC_DATABASE_URL``, ``CBEC_REDIS_URL``); see ``state.py`` for what the service keeps there.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -22,12 +27,11 @@ class RiskSettings(RuntimeSettings):
     # with a field violation naming the limit, rather than by the transport with a bare status.
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
 
-    risk_state_path: Path = Field(
-        Path("var/risk/state.sqlite3"),
-        description="SQLite file with velocity state, scored transactions and outcome labels.",
-    )
     risk_state_synchronous: Literal["NORMAL", "FULL"] = Field(
-        "NORMAL", description="NORMAL survives a killed process; FULL also survives power loss."
+        "NORMAL",
+        description="Commit of each scoring call. NORMAL survives a killed process (embedded: SQLite "
+        "synchronous=NORMAL; shared: the commit reaches PostgreSQL, synchronous_commit=off); FULL also "
+        "survives a crash of the machine or database host. Outcome labels always commit synchronously.",
     )
     risk_event_retention_days: float = Field(35.0, gt=0, le=3650)
     risk_scored_retention_days: float = Field(180.0, gt=0, le=3650)
@@ -45,6 +49,18 @@ class RiskSettings(RuntimeSettings):
     risk_decline_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the model's.")
     risk_anomaly_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the model's.")
     risk_predict_threads: int = Field(1, ge=1, le=64, description="LightGBM threads per predict call.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_state_path(cls, data: object) -> object:
+        # Removed, not ignored: a deployment that still sets it would silently start on empty state.
+        if os.environ.get("CBEC_RISK_STATE_PATH") or (isinstance(data, dict) and "risk_state_path" in data):
+            raise ValueError(
+                "CBEC_RISK_STATE_PATH was removed: state lives in CBEC_STATE_DIR (risk.sqlite3) or, with "
+                "CBEC_STATE_BACKEND=shared, in PostgreSQL and Redis; a file left at "
+                "<CBEC_STATE_DIR>/risk/state.sqlite3 is imported at start"
+            )
+        return data
 
     @model_validator(mode="after")
     def _retention_covers_windows(self) -> RiskSettings:

@@ -1,9 +1,11 @@
 """``cbec.risk.v1.RiskService`` on the shared runtime: validation, scoring, outcomes, rates freshness.
 
 One transaction goes through the runtime's micro-batcher (calls that arrive together share one
-LightGBM call and one SQLite transaction); a batch call runs directly in a worker thread. Velocity
+LightGBM call and one unit of state work); a batch call runs directly in a worker thread. Velocity
 state is read and written under the state store's lock, in arrival order, and committed before the
-answer leaves, so a killed process never forgets a transaction it has answered for.
+answer leaves, so a killed process never forgets a transaction it has answered for. The store is the
+runtime's (``state.py``): embedded SQLite under ``CBEC_STATE_DIR``, or PostgreSQL + Redis shared by
+every replica; a store that is down makes calls that need it UNAVAILABLE with RetryInfo.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .features import (
     valid_timezone,
 )
 from .model import DECISION_NAMES, RiskModel, load_model, reasons_for_batch
-from .state import ScoredRow, StateStore
+from .state import LEGACY_FILE, STORE, ScoredRow, StateStore
 
 log = logging.getLogger("cbec.risk")
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name
@@ -163,12 +165,18 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             settings = RiskSettings(**settings.model_dump())
         self.settings = settings
         self._tables = self._load_tables()
+        # A store that is down at start does not stop the process: calls that need it are UNAVAILABLE
+        # and health reports it until it answers (the migrations then run on first use).
+        self.redis = runtime.redis() if runtime.state.shared else None
         self.state = StateStore(
-            settings.risk_state_path,
+            runtime.database(STORE, synchronous=settings.risk_state_synchronous),
+            self.redis,
             event_retention_ms=int(settings.risk_event_retention_days * DAY_MS),
             scored_retention_ms=int(settings.risk_scored_retention_days * DAY_MS),
             synchronous=settings.risk_state_synchronous,
         )
+        if not runtime.state.shared:
+            self.state.import_legacy(settings.state_dir / LEGACY_FILE)
         threads = settings.risk_predict_threads
         self.slot: ModelSlot[RiskModel] = runtime.model_slot(
             lambda path, manifest: load_model(path, manifest, predict_threads=threads)
@@ -191,7 +199,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             self._rates_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rates_task
-        self.state.close()
+        self.state.close()  # the runtime closes the database and the Redis client it opened
 
     def register(self, server: grpc.aio.Server) -> None:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(self, server)
@@ -260,9 +268,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         policy = model.policy.with_overrides(
             s.risk_review_threshold, s.risk_decline_threshold, s.risk_anomaly_threshold
         )
-        # One SQLite transaction per call: history read, events and the scored log written, committed
-        # before the answer leaves (one commit is most of the state's cost).
+        # One unit of state work per call: history read (shared: one Redis round trip for all of the
+        # call's transactions), events and the scored log written and committed before the answer leaves.
         with self.state.batch():
+            self.state.prefetch(txs)
             x, amounts = tables.pipeline.transform(txs, self.state)
             scores = model.score(x)
             decisions = policy.decide(scores.probability, scores.anomaly)

@@ -8,7 +8,10 @@ target false-positive rates; report AUC, PR-AUC and recall at 1% FPR and at the 
 on the test period; write ROC + PR charts, feature importance and a new model version.
 
 Data: the evalml demo transactions (SYNTHETIC, see ``data.py``) plus every transaction this service
-scored, with the outcome labels ``ReportOutcome`` stored (unlabelled ones only feed velocity history).
+scored, with the outcome labels ``ReportOutcome`` stored (unlabelled ones only feed velocity history),
+read from the store the service uses, configured by the same ``CBEC_*`` settings: the embedded file
+``<CBEC_STATE_DIR>/risk.sqlite3``, or the shared PostgreSQL (so a training Job in the cluster reads
+what every replica recorded). ``--state-path FILE`` reads another embedded file instead (a copy).
 Outcomes enter the time split at their transaction's time, so recent labels first inform validation
 and testing and move into training as newer data arrives.
 """
@@ -32,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from services.runtime.model_store import ModelStore, fingerprint
+from services.runtime.state import StateConfig, StoreUnavailable, open_database
 
 from .config import RiskSettings
 from .data import DataUnavailable, evalml_csv_path, load_evalml
@@ -44,7 +48,7 @@ from .model import (
     RiskModel,
     anomaly_quantiles,
 )
-from .state import LabelledTx, StateStore
+from .state import STORE, LabelledTx, StateStore
 
 log = logging.getLogger("cbec.risk.train")
 SERVICE = "risk"
@@ -422,17 +426,42 @@ class DataReport:
     sources: dict[str, Any]
 
 
-def load_outcomes(state_path: Path, rates: RatesTable) -> list[LabelledTx]:
-    """Every transaction the service scored (read-only, safe while it serves), labelled where an
-    outcome was reported."""
-    if not state_path.exists():
+def load_outcomes(source: RiskSettings | Path, rates: RatesTable) -> list[LabelledTx]:
+    """Every transaction the service scored, labelled where an outcome was reported (read-only for
+    an embedded file, safe while the service runs). ``source`` is the service's settings (the store
+    they configure: embedded file or shared PostgreSQL) or the path of an embedded state file."""
+    if isinstance(source, RiskSettings):
+        config = StateConfig.from_settings(source)
+        if config.shared:
+            db = open_database(config, STORE)
+            try:
+                rows = StateStore(db).labelled_transactions()
+            finally:
+                db.close()
+            return [r for r in rows if r.tx.currency in rates]
+        source = embedded_state_path(source)
+    if not source.exists():
         return []
-    store = StateStore(state_path, read_only=True)
+    store = StateStore(source, read_only=True)
     try:
         rows = store.labelled_transactions()
     finally:
         store.close()
     return [r for r in rows if r.tx.currency in rates]
+
+
+def embedded_state_path(settings: RiskSettings) -> Path:
+    """Where the embedded backend keeps the service's store (the runtime's ``open_database``)."""
+    return Path(settings.state_dir) / f"{STORE}.sqlite3"
+
+
+def describe_store(settings: RiskSettings, state_path: Path | None) -> str:
+    """Where the labels came from, for the model's manifest (no password: it is never in the URL)."""
+    if state_path is not None:
+        return f"sqlite:{state_path}"
+    if settings.state_backend == "shared":
+        return settings.database_url
+    return f"sqlite:{embedded_state_path(settings)}"
 
 
 def gather_data(
@@ -441,8 +470,10 @@ def gather_data(
     data_path: Path | None = None,
     limit: int | None = None,
     use_outcomes: bool = True,
+    state_path: Path | None = None,
 ) -> DataReport:
-    """evalml rows plus the state store's scored transactions and their outcome labels."""
+    """evalml rows plus the state store's scored transactions and their outcome labels (from
+    ``state_path`` when given, else from the store ``settings`` configure)."""
     path = data_path or evalml_csv_path()
     rows, report = load_evalml(path, rates, limit)
     digest = hashlib.sha256(fingerprint(path).encode())
@@ -455,11 +486,11 @@ def gather_data(
             "synthetic": True,
         },
     }
-    outcomes = load_outcomes(settings.risk_state_path, rates) if use_outcomes else []
+    outcomes = load_outcomes(state_path or settings, rates) if use_outcomes else []
     for r in outcomes:
         digest.update(f"{r.tx.transaction_id}:{r.label}".encode())
     sources["outcomes"] = {
-        "state_path": str(settings.risk_state_path),
+        "store": describe_store(settings, state_path),
         "scored_transactions": len(outcomes),
         "labelled": sum(1 for r in outcomes if r.label is not None),
     }
@@ -492,10 +523,11 @@ def train_and_save(
     data_path: Path | None = None,
     limit: int | None = None,
     use_outcomes: bool = True,
+    state_path: Path | None = None,
 ) -> tuple[str, TrainResult]:
     """The whole command: gather data, fit, and write a new version; returns (version, result)."""
     rates = RatesTable.load(settings.risk_rates_path)
-    data = gather_data(settings, rates, data_path, limit, use_outcomes)
+    data = gather_data(settings, rates, data_path, limit, use_outcomes, state_path)
     dataset = build_dataset(data.labelled, rates, config.progress)
     result = fit(dataset, rates, config)
     result.metrics["outcomes_labelled"] = float(data.sources["outcomes"]["labelled"])
@@ -532,7 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models-dir", type=Path, help="default: CBEC_MODELS_DIR or ./models")
-    parser.add_argument("--state-path", type=Path, help="default: CBEC_RISK_STATE_PATH")
+    parser.add_argument(
+        "--state-path",
+        type=Path,
+        help="read labels from this embedded state file (e.g. a copy) instead of the store the CBEC_STATE_* "
+        "settings configure (<CBEC_STATE_DIR>/risk.sqlite3, or PostgreSQL when shared)",
+    )
     parser.add_argument(
         "--data", type=Path, help="evalml-format CSV (.gz); default: the installed evalml file"
     )
@@ -555,8 +592,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.models_dir:
         overrides["models_dir"] = args.models_dir
-    if args.state_path:
-        overrides["risk_state_path"] = args.state_path
     settings = RiskSettings(service=SERVICE, **overrides)
     if args.if_missing and ModelStore(settings.models_dir, SERVICE).newest_valid() is not None:
         print(f"risk: a model already exists in {settings.service_models_dir}; nothing to do")
@@ -574,10 +609,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         plots=not args.no_plots,
     )
     try:
-        version, result = train_and_save(settings, config, args.data, args.limit, not args.no_outcomes)
+        version, result = train_and_save(
+            settings, config, args.data, args.limit, not args.no_outcomes, args.state_path
+        )
     except DataUnavailable as exc:
         print(f"risk: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:  # a Job's retry may find it back
+        print(f"risk: cannot read the outcome labels: {exc.message}", file=sys.stderr)
+        return 1
     print(_summary(version, result))
     print(f"written to {settings.service_models_dir / version}")
     return 0

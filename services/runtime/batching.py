@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import grpc
+
 from .errors import DeadlineExceeded, ResourceExhausted
 from .metrics import RuntimeMetrics
 
@@ -185,8 +187,9 @@ class MicroBatcher(Generic[In, Out]):
             try:
                 results = await loop.run_in_executor(self._executor, self._call, items)
             except Exception as exc:
-                if len(batch) == 1:
-                    results = [exc]
+                if len(batch) == 1 or getattr(exc, "code", None) is grpc.StatusCode.UNAVAILABLE:
+                    # One item, or a store that is down for all of them: isolating would only repeat it.
+                    results = [exc] * len(batch)
                 else:
                     log.warning("batch of %d failed (%s); isolating the bad items", len(batch), exc)
                     results = [

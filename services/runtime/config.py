@@ -129,7 +129,10 @@ def env_var_name(field: str) -> str:
 def describe_validation_error(exc: ValidationError) -> str:
     lines = ["invalid configuration:"]
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "?"
+        field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a check across settings: its message names the variables itself
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f"={value!r}"
         lines.append(f"  {env_var_name(field)}{shown}: {err['msg']}")

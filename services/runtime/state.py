@@ -527,8 +527,10 @@ def redis_client(config: StateConfig, asyncio: bool = False) -> Any:
     """A redis-py client (asyncio or blocking) with timeouts and health checks from the settings."""
     import redis
     import redis.asyncio
+    from redis.backoff import ExponentialBackoff
 
     module: Any = redis.asyncio if asyncio else redis
+    retry_cls: Any = redis.asyncio.retry.Retry if asyncio else redis.retry.Retry
     if not config.redis_url:
         raise StateConfigError(f"{config.service or 'redis'}: CBEC_STATE_BACKEND=shared needs CBEC_REDIS_URL")
     return module.Redis.from_url(
@@ -538,6 +540,9 @@ def redis_client(config: StateConfig, asyncio: bool = False) -> Any:
         socket_connect_timeout=config.timeout_s,
         health_check_interval=15,
         decode_responses=False,
+        # One quick retry (a dropped connection), not redis-py's default of 10 with backoff up to 1 s:
+        # a Redis that is down must become UNAVAILABLE within about the configured timeout.
+        retry=retry_cls(ExponentialBackoff(cap=0.05, base=0.01), 1),
     )
 
 

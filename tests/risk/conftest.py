@@ -1,4 +1,5 @@
-"""Fixtures: one tiny model trained once per session on the synthetic stream, and real servers."""
+"""Fixtures: one tiny model trained once per session on the synthetic stream, real risk servers, and
+real PostgreSQL + Redis (``tests/stores.py``) for the shared backend."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ from services.risk.state import LabelledTx
 from services.risk.train import Dataset, TrainConfig, TrainResult, build_dataset, fit, save_version
 from services.runtime.server import Server
 from tests.risk.synth import stream
+from tests.stores import (  # noqa: F401  (fixtures)
+    PG_PASSWORD,
+    REDIS_PASSWORD,
+    pg_url,
+    postgres_server,
+    redis_db,
+    redis_server,
+)
 
 TINY = TrainConfig(trees=40, forest_trees=25, early_stopping=15, threads=1, progress=False, plots=True)
 
@@ -45,7 +54,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return Trained(models_dir, version, result, dataset, labelled)
 
 
-def risk_settings(models_dir: Path, state_path: Path, **overrides: Any) -> RiskSettings:
+def risk_settings(models_dir: Path, state_dir: Path, **overrides: Any) -> RiskSettings:
+    """Settings of a server under test; embedded state in ``state_dir`` unless overridden."""
     base: dict[str, Any] = dict(
         service="risk",
         host="127.0.0.1",
@@ -53,15 +63,30 @@ def risk_settings(models_dir: Path, state_path: Path, **overrides: Any) -> RiskS
         metrics_port=0,
         models_dir=models_dir,
         device="cpu",
-        risk_state_path=state_path,
+        state_dir=state_dir,
     )
     base.update(overrides)
     return RiskSettings(**base)
 
 
+def shared_settings(models_dir: Path, state_dir: Path, pg: str, rd: str, **overrides: Any) -> RiskSettings:
+    """Settings of a replica on the shared backend (PostgreSQL ``pg`` + Redis ``rd``)."""
+    return risk_settings(
+        models_dir,
+        state_dir,
+        state_backend="shared",
+        database_url=pg,
+        database_password=PG_PASSWORD,
+        redis_url=rd,
+        redis_password=REDIS_PASSWORD,
+        state_timeout_s=1.0,
+        **overrides,
+    )
+
+
 @pytest.fixture
 async def server(trained: Trained, tmp_path: Path) -> AsyncIterator[Server]:
-    srv = Server(risk_settings(trained.models_dir, tmp_path / "state.sqlite3"), build)
+    srv = Server(risk_settings(trained.models_dir, tmp_path / "state"), build)
     await srv.start()
     yield srv
     await srv.stop(grace=1)

@@ -1,4 +1,5 @@
-"""Velocity state and outcome labels survive a killed server process (SIGKILL, no shutdown code runs)."""
+"""Velocity state and outcome labels survive a killed server process (SIGKILL, no shutdown code runs), on
+the embedded backend and on the shared one (real PostgreSQL + Redis)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import psycopg
+import redis
 from cbec.risk.v1 import risk_pb2, risk_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.risk.features import Tx
 from services.risk.state import StateStore
-from tests.risk.conftest import Trained, good_transaction, now_ms, ts
+from services.runtime.state import PostgresDatabase
+from tests.risk.conftest import PG_PASSWORD, REDIS_PASSWORD, Trained, good_transaction, now_ms, ts
+from tests.stores import store_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,17 +35,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def risk_process(models_dir: Path, state: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def risk_process(
+    models_dir: Path, state_dir: Path, port: int, **env_overrides: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m services.risk`` as the chart starts it; embedded state in ``state_dir`` unless the
+    overrides (e.g. ``store_env``) say otherwise."""
     env = {
         **os.environ,
         "CBEC_HOST": "127.0.0.1",
         "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_ENABLED": "false",
         "CBEC_MODELS_DIR": str(models_dir),
-        "CBEC_RISK_STATE_PATH": str(state),
+        "CBEC_STATE_DIR": str(state_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
         "CBEC_GRACE_PERIOD_S": "2",
+        **env_overrides,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.risk"], cwd=ROOT, env=env, stderr=subprocess.PIPE
@@ -71,10 +81,11 @@ async def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float 
 
 
 async def test_state_and_labels_survive_sigkill(trained: Trained, tmp_path: Path) -> None:
-    state = tmp_path / "state.sqlite3"
+    state_dir = tmp_path / "state"
+    state = state_dir / "risk.sqlite3"
     base = now_ms() - 30 * 60_000
     port = free_port()
-    with risk_process(trained.models_dir, state, port) as proc:
+    with risk_process(trained.models_dir, state_dir, port) as proc:
         await wait_serving(port, proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = risk_pb2_grpc.RiskServiceStub(ch)
@@ -96,7 +107,7 @@ async def test_state_and_labels_survive_sigkill(trained: Trained, tmp_path: Path
     after.close()
 
     port = free_port()
-    with risk_process(trained.models_dir, state, port) as proc:
+    with risk_process(trained.models_dir, state_dir, port) as proc:
         await wait_serving(port, proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = risk_pb2_grpc.RiskServiceStub(ch)
@@ -112,3 +123,51 @@ async def test_state_and_labels_survive_sigkill(trained: Trained, tmp_path: Path
         assert proc.wait(30) == 0
     final = StateStore(state, read_only=True)
     assert len(final.history(probe, 3_600_000, 3_600_000, 3_600_000).card) == 6
+
+
+async def test_acknowledged_state_survives_sigkill_shared(
+    trained: Trained, tmp_path: Path, pg_url: str, redis_db: str
+) -> None:
+    """Shared backend: the risk process is killed while outcome reports are in flight; every score and
+    every outcome it acknowledged is in PostgreSQL (and the velocity in Redis) afterwards."""
+    base = now_ms() - 30 * 60_000
+    port = free_port()
+    acked: list[str] = []
+    with risk_process(trained.models_dir, tmp_path / "state", port, **store_env(pg_url, redis_db)) as proc:
+        await wait_serving(port, proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = risk_pb2_grpc.RiskServiceStub(ch)
+            for i in range(5):
+                t = good_transaction(transaction_id=f"k{i}", card_fingerprint="survivor",
+                                     occurred_time=ts(base + i * 60_000))  # fmt: skip
+                await stub.ScoreTransaction(risk_pb2.ScoreTransactionRequest(transaction=t))
+
+            async def reporter(lane: int) -> None:
+                for i in range(lane, 100_000, 4):
+                    request = risk_pb2.ReportOutcomeRequest(
+                        transaction_id=f"k{i % 5}" if i < 5 else f"o{i}", outcome=risk_pb2.OUTCOME_CHARGEBACK
+                    )
+                    try:
+                        await stub.ReportOutcome(request, timeout=10)
+                    except grpc.aio.AioRpcError:
+                        return  # the process is gone: this one was not acknowledged
+                    acked.append(request.transaction_id)
+
+            lanes = [asyncio.create_task(reporter(lane)) for lane in range(4)]
+            while len(acked) < 60:
+                assert not all(lane.done() for lane in lanes), "reporters stopped before the kill"
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)  # mid-load: no drain, no close
+            proc.wait(10)
+            await asyncio.gather(*lanes)
+    with psycopg.connect(pg_url, password=PG_PASSWORD) as conn:
+        outcomes = {row[0] for row in conn.execute("SELECT tx_id FROM risk_outcomes")}
+        scored = {row[0] for row in conn.execute("SELECT tx_id FROM risk_scored")}
+    assert set(acked) <= outcomes, sorted(set(acked) - outcomes)
+    assert scored == {f"k{i}" for i in range(5)}
+    client = redis.Redis.from_url(redis_db, password=REDIS_PASSWORD)
+    store = StateStore(PostgresDatabase(pg_url, PG_PASSWORD, name="risk"), client)
+    probe = Tx("probe", "user-1", "survivor", 1.0, "EUR", base + 10 * 60_000)
+    assert len(store.history(probe, 3_600_000, 3_600_000, 3_600_000).card) == 5
+    store.db.close()
+    client.close()

@@ -101,7 +101,7 @@ async def test_velocity_state_is_recorded_per_call(
 
 
 async def test_thresholds_from_configuration(trained: Trained, tmp_path: Path) -> None:
-    srv = Server(risk_settings(trained.models_dir, tmp_path / "s.sqlite3", risk_decline_threshold=0.0), build)
+    srv = Server(risk_settings(trained.models_dir, tmp_path / "state", risk_decline_threshold=0.0), build)
     await srv.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
@@ -120,7 +120,7 @@ async def test_model_status_reports_metrics(stub: risk_pb2_grpc.RiskServiceStub,
 
 
 async def test_not_serving_without_a_model(tmp_path: Path) -> None:
-    srv = Server(risk_settings(tmp_path / "empty", tmp_path / "s.sqlite3"), build)
+    srv = Server(risk_settings(tmp_path / "empty", tmp_path / "state"), build)
     await srv.start()
     try:
         assert await health(srv.grpc_port) == NOT_SERVING
@@ -251,7 +251,7 @@ async def test_stale_rates_reported_in_health_metrics_and_logs(
     trained: Trained, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rates = write_rates(tmp_path / "rates.json", "old", "2020-01-01")
-    settings = risk_settings(trained.models_dir, tmp_path / "s.sqlite3", risk_rates_path=rates,
+    settings = risk_settings(trained.models_dir, tmp_path / "state", risk_rates_path=rates,
                              risk_rates_max_age_days=30)  # fmt: skip
     srv = Server(settings, build)
     with caplog.at_level(logging.WARNING, logger="cbec.risk"):
@@ -275,7 +275,7 @@ async def test_stale_rates_reported_in_health_metrics_and_logs(
 async def test_rates_reload_when_the_file_changes(trained: Trained, tmp_path: Path) -> None:
     today = datetime.now(UTC).date().isoformat()
     rates = write_rates(tmp_path / "rates.json", "first", today, eur=0.5)
-    settings = risk_settings(trained.models_dir, tmp_path / "s.sqlite3", risk_rates_path=rates,
+    settings = risk_settings(trained.models_dir, tmp_path / "state", risk_rates_path=rates,
                              risk_rates_check_s=0.05)  # fmt: skip
     srv = Server(settings, build)
     await srv.start()

@@ -1,4 +1,5 @@
-"""The SQLite state store: WAL, transactions, expiry, durable outcomes, concurrent readers."""
+"""The embedded state store: WAL, transactions, expiry, durable outcomes, concurrent readers, the upgrade
+from the previous version's file. (The shared backend: test_shared.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from services.risk.config import RiskSettings
 from services.risk.features import DAY_MS, MAX_WINDOW_MS, Tx
+from services.risk.server import build
 from services.risk.state import (
     OUTCOME_CHARGEBACK,
     OUTCOME_CONFIRMED_FRAUD,
@@ -15,6 +18,9 @@ from services.risk.state import (
     ScoredRow,
     StateStore,
 )
+from services.runtime.config import ConfigError, load_settings
+from services.runtime.server import Server
+from tests.risk.conftest import risk_settings
 
 T = 1_780_000_000_000
 
@@ -98,3 +104,61 @@ def test_reader_sees_commits_while_writer_is_open(tmp_path: Path) -> None:
     assert reader.counts()["scored"] == 1
     with pytest.raises(sqlite3.OperationalError):
         reader.record_outcome("t1", OUTCOME_LEGITIMATE, T)
+
+
+LEGACY_SCHEMA = """
+CREATE TABLE events (tx_id TEXT NOT NULL UNIQUE, ts INTEGER NOT NULL, card TEXT NOT NULL,
+    user_id TEXT NOT NULL, device_id TEXT NOT NULL, amount_ref REAL NOT NULL);
+CREATE TABLE cards (card TEXT PRIMARY KEY, first_ms INTEGER NOT NULL, first_tx_id TEXT NOT NULL,
+    last_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE scored (tx_id TEXT PRIMARY KEY, ts INTEGER NOT NULL, tx TEXT NOT NULL,
+    fraud_probability REAL NOT NULL, anomaly_score REAL NOT NULL, decision INTEGER NOT NULL,
+    model_version TEXT NOT NULL, scored_ms INTEGER NOT NULL);
+CREATE TABLE outcomes (tx_id TEXT PRIMARY KEY, outcome INTEGER NOT NULL, reported_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL, note TEXT NOT NULL);
+"""
+
+
+def test_state_left_by_the_previous_version_is_imported_once(tmp_path: Path) -> None:
+    """An upgrade keeps the labels and velocity of ``var/risk/state.sqlite3`` (the old default)."""
+    legacy = tmp_path / "risk" / "state.sqlite3"
+    legacy.parent.mkdir()
+    old = sqlite3.connect(legacy)
+    old.executescript(LEGACY_SCHEMA)
+    old.execute("INSERT INTO events VALUES ('t1', ?, 'C', 'U', 'D', 10.0)", (T,))
+    old.execute("INSERT INTO cards VALUES ('C', ?, 't1', ?)", (T, T))
+    old.execute("INSERT INTO scored VALUES ('t1', ?, ?, 0.2, 0.1, 1, 'v0', ?)", (T, tx(1, T).to_json(), T))
+    old.execute("INSERT INTO outcomes VALUES ('t1', 3, ?, ?, 'bank')", (T, T))
+    old.commit()
+    old.close()
+    store = StateStore(tmp_path / "risk.sqlite3")
+    assert store.import_legacy(legacy) == {"scored": 1, "outcomes": 1, "events": 1}
+    assert not legacy.exists() and legacy.with_name("state.sqlite3.imported").exists()
+    assert store.import_legacy(legacy) is None
+    assert [(r.tx, r.label) for r in store.labelled_transactions()] == [(tx(1, T), 1)]
+    history = store.history(tx(2, T + 1000), DAY_MS, DAY_MS, DAY_MS)
+    assert history.card == [(T, 10.0, "U", "D")] and history.card_first_ms == T
+
+
+def test_the_state_path_setting_is_gone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A deployment that still sets it must not start on an empty store somewhere else."""
+    assert "risk_state_path" not in RiskSettings.model_fields
+    monkeypatch.setenv("CBEC_RISK_STATE_PATH", str(tmp_path / "old.sqlite3"))
+    with pytest.raises(ConfigError):
+        load_settings(RiskSettings, "risk")
+
+
+def test_the_service_imports_the_old_file_from_its_state_dir(tmp_path: Path) -> None:
+    legacy = tmp_path / "state" / "risk" / "state.sqlite3"
+    legacy.parent.mkdir(parents=True)
+    old = sqlite3.connect(legacy)
+    old.executescript(LEGACY_SCHEMA)
+    old.execute("INSERT INTO outcomes VALUES ('t1', 2, ?, ?, '')", (T, T))
+    old.commit()
+    old.close()
+    srv = Server(risk_settings(tmp_path / "no-models", tmp_path / "state"), build)
+    try:
+        assert srv.service.state.outcome("t1") == OUTCOME_CHARGEBACK
+        assert (tmp_path / "state" / "risk.sqlite3").exists()
+    finally:
+        srv.service.state.db.close()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
+from services.risk.config import RiskSettings
 from services.risk.data import DataUnavailable, evalml_csv_path, load_evalml
 from services.risk.features import FEATURE_NAMES, FEATURES, RatesTable
 from services.risk.model import (
@@ -282,6 +283,17 @@ def test_outcomes_feed_the_next_training_set(tmp_path: Path) -> None:
     assert sorted(dataset.transaction_ids) == sorted(ids[:10])  # unlabelled rows only feed history
     assert dataset.y.tolist().count(1) == 5
     assert load_outcomes(tmp_path / "missing.sqlite3", RatesTable.load()) == []
+
+
+def test_outcomes_come_from_the_configured_store(tmp_path: Path) -> None:
+    """Without --state-path, training reads the store the service's settings name: embedded here
+    (<CBEC_STATE_DIR>/risk.sqlite3); the shared PostgreSQL in test_shared.py."""
+    settings = RiskSettings(service="risk", state_dir=tmp_path / "state", models_dir=tmp_path / "models")
+    assert load_outcomes(settings, RatesTable.load()) == []  # nothing served yet
+    ids = scored_with_outcomes(tmp_path / "state" / "risk.sqlite3")
+    outcomes = load_outcomes(settings, RatesTable.load())
+    assert [r.tx.transaction_id for r in outcomes] == ids  # in time order
+    assert sum(r.label is not None for r in outcomes) == 10
 
 
 def test_command_trains_on_evalml_with_outcomes_and_if_missing(
