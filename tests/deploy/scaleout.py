@@ -552,3 +552,36 @@ def png(seed: int) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+@contextlib.contextmanager
+def running_embedded(startup_timeout: float = 300.0) -> Iterator[Suite]:
+    """The chart with ``state.backend=embedded``: one pod per service, SQLite on each pod's volume, no
+    database server; for the "keeps its state across a pod restart" check."""
+    work = Path(tempfile.mkdtemp(prefix="cbec-embedded-"))
+    work.chmod(0o755)
+    try:
+        models = work / "models"
+        build_all(models, work / "model-work")
+        prepare_models_dir(models)
+        keys = Keys(shop=secrets.token_urlsafe(32), limited=secrets.token_urlsafe(32))
+        gateway = {"env": {"CBEC_ENV": "prod"}, "preStopSleepSeconds": 0, "gracePeriodSeconds": 5}
+        gateway["secretEnv"] = [
+            {"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}
+        ]
+        values = {
+            "state": {"backend": "embedded"},
+            "services": {
+                **{name: {"preStopSleepSeconds": 0, "gracePeriodSeconds": 5} for name in STATEFUL},
+                "chat": {"env": {"CBEC_LLM_BACKEND": "none"}, "preStopSleepSeconds": 0},
+                "gateway": gateway,
+            },
+        }
+        rendered = helm_template(values)
+        cluster = ChartCluster(
+            rendered.docs, {("cbec-gateway-keys", "keys"): keys.document()}, work / "pods", models
+        )
+        with cluster.running(timeout=startup_timeout):
+            yield Suite(cluster, keys, None, "", None)  # type: ignore[arg-type]
+    finally:
+        remove_tree_later(work)

@@ -7,13 +7,15 @@ See tests/deploy/chart_run.py for what is executed as rendered and what a single
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.chart_run import ROOT, writable_by_pod_user
-from tests.deploy.scaleout import STATEFUL, Suite, png, running_suite
+from tests.deploy.scaleout import STATEFUL, Suite, png, running_embedded, running_suite
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -99,3 +101,79 @@ async def test_nothing_acknowledged_is_lost_when_a_replica_is_killed(s: Suite) -
         assert counts["acknowledged"] > 0, (kind, counts)
         assert counts["lost"] == 0, (kind, counts)
     await asyncio.sleep(0)
+
+
+def test_embedded_state_survives_a_pod_restart() -> None:
+    """state.backend=embedded: each stateful pod keeps its SQLite state on its own volume across a
+    kill -9 and restart, under the chart's security context, with no database server at all."""
+    with running_embedded() as suite:
+        asyncio.run(_embedded_round_trip(suite))
+
+
+async def _embedded_round_trip(suite: Suite) -> None:
+    from cbec.chat.v1 import chat_pb2
+    from cbec.recommender.v1 import recommender_pb2
+    from cbec.sentiment.v1 import sentiment_pb2
+    from cbec.vision.v1 import vision_pb2
+
+    try:
+        for name in STATEFUL:
+            (pod,) = suite.pods(name)
+            assert pod.env["CBEC_STATE_BACKEND"] == "embedded" and "CBEC_DATABASE_URL" not in pod.env
+        items = await suite.catalogue_items()
+        async with suite.http() as session:
+            user = "restart-user"
+            body = {
+                "interactions": [{"userId": user, "itemId": items[0], "type": "INTERACTION_TYPE_PURCHASE"}]
+            }
+            status, reply = await suite.post(session, 0, "/v1/recommender/interactions", body)
+            assert status == 200 and reply.get("acceptedCount") == 1, reply
+            review = {"reviewId": "restart-r1", "productId": "restart-p", "market": "DE", "text": "Great fit"}
+            review["createdTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            status, reply = await suite.post(session, 0, "/v1/sentiment/reviews", {"reviews": [review]})
+            assert status == 200 and reply.get("acceptedCount") == 1, reply
+            outcome = {"transactionId": "restart-t1", "outcome": "OUTCOME_LEGITIMATE"}
+            status, _ = await suite.post(session, 0, "/v1/risk/outcomes", outcome)
+            assert status == 200
+        image = png(7)
+
+        async def one() -> AsyncIterator[vision_pb2.IndexProductsRequest]:
+            yield vision_pb2.IndexProductsRequest(product_id="restart-v1", image=image)
+
+        (vision,) = suite.pods("vision")
+        assert (await suite.stub(vision).IndexProducts(one(), timeout=30)).indexed_count == 1
+        (chat,) = suite.pods("chat")
+        session_id = ""
+        async for chunk in suite.stub(chat).Converse(
+            chat_pb2.ConverseRequest(user_id="restart-user", message="Do you ship to Spain?"), timeout=30
+        ):
+            if chunk.HasField("result"):
+                session_id = chunk.result.session_id
+        (sent,) = suite.pods("sentiment")
+        request = sentiment_pb2.GetMarketReportRequest(product_id="restart-p")
+        assert (await suite.stub(sent).GetMarketReport(request, timeout=10)).distribution.total == 1
+        await suite.close()
+
+        pods = [suite.pods(name)[0] for name in STATEFUL]
+        for pod in pods:
+            suite.cluster.restart(pod)  # kill -9, then the same command on the same volume
+        await asyncio.to_thread(suite.cluster.wait_serving, pods)
+
+        (rec,) = suite.pods("recommender")
+        forgotten = await suite.stub(rec).ForgetUser(
+            recommender_pb2.ForgetUserRequest(user_id=user), timeout=10
+        )
+        assert forgotten.events_deleted == 1
+        report = await suite.stub(sent).GetMarketReport(request, timeout=10)
+        assert report.distribution.total == 1
+        found = await suite.stub(vision).SearchByImage(
+            vision_pb2.SearchByImageRequest(image=image, k=3), timeout=10
+        )
+        assert "restart-v1" in {m.product_id for m in found.matches}
+        got = await suite.stub(chat).GetSession(chat_pb2.GetSessionRequest(session_id=session_id), timeout=10)
+        assert len(got.session.turns) >= 2
+        (risk,) = suite.pods("risk")
+        state_files = await asyncio.to_thread(os.listdir, risk.env["CBEC_STATE_DIR"])
+        assert "risk.sqlite3" in state_files, state_files
+    finally:
+        await suite.close()
