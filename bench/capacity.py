@@ -28,12 +28,13 @@ Series (the training commands the services already have; sizes picked to fit ~25
    baseline, thresholds) on the earliest N evalml transactions;
 6. chat: no size knob on its CLI, so ``services.chat.train.train`` in a child of this module on a
    fraction of the packaged knowledge base (whole articles, all languages) and of the intent examples
-   (per intent), the articles embedded in the run as ``services.chat.defaults`` does; 4x is the
+   (per intent), the articles embedded in the run as ``services.chat.defaults`` does; 2x is the
    packaged data replicated with distinct ids/texts, for the slope only.
 Models go to a temporary directory, never to ``models/``.
 
     python -m bench.capacity                    # writes bench/results/capacity.json and capacity_*.png
     python -m bench.capacity --only risk,vision --quick
+    python -m bench.capacity --replot             # charts again from bench/results/capacity.json
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def _sentiment_eval(models: Path) -> Callable[[Measured], dict[str, Any]]:
 
 
 def sentiment(work: Path, quick: bool) -> Series:
-    sizes = (300, 600) if quick else (500, 1000, 2000)
+    sizes = (300, 600) if quick else (300, 600, 1200)
     runs = []
     for n in sizes:
         cache = work / "sentiment-cache" / str(n)  # fresh per size: the cold run embeds everything
@@ -352,7 +353,7 @@ def sentiment(work: Path, quick: bool) -> Series:
 
 
 def vision(work: Path, quick: bool) -> Series:
-    sizes = (1000, 2000) if quick else (2000, 4000, 8000, 16000)
+    sizes = (1000, 2000) if quick else (2000, 4000, 8000)
     runs = []
     for n in sizes:
         models, data_dir = work / "models" / f"vision-{n}", work / f"vision-data-{n}"
@@ -394,7 +395,7 @@ def risk(work: Path, quick: bool) -> Series:
 
 
 def chat(work: Path, quick: bool) -> Series:
-    fractions = (0.25, 1.0) if quick else (0.25, 0.5, 1.0, 4.0)
+    fractions = (0.25, 1.0) if quick else (0.25, 0.5, 1.0, 2.0)
     runs = []
     for f in fractions:
         articles, examples = chat_data(f)
@@ -523,46 +524,67 @@ def fit_series(s: Series, label: str = "") -> dict[str, Any]:
     return out
 
 
-def chart(series: list[Series], path_time: Path, path_mem: Path) -> None:
+def chart(
+    series: dict[str, dict[str, Any]], exponents: dict[str, Any], path_time: Path, path_mem: Path
+) -> None:
+    """One panel per service (log-log, the fitted exponent k in the legend) and a panel of the net
+    exponents; drawn from the results JSON's ``series``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    services = list(dict.fromkeys(s.service for s in series))
+    services = list(dict.fromkeys(s["service"] for s in series.values()))
     for path, keys, ylabel in (
         (path_time, ("wall_s", "cpu_s"), "seconds (log)"),
         (path_mem, ("peak_rss_mb",), "peak RSS MB (log)"),
     ):
-        fig, axes = plt.subplots(1, len(services), figsize=(4.2 * len(services), 3.8), squeeze=False)
-        for ax, service in zip(axes[0], services, strict=True):
-            for s in (s for s in series if s.service == service):
-                labels = sorted({r.get("label", "") for r in s.results})
-                for label in labels:
-                    runs = [r for r in s.results if r["rc"] == 0 and r.get("label", "") == label]
+        cols = 3
+        rows = -(-(len(services) + 1) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+        flat = list(axes.flat)
+        for ax, service in zip(flat, services, strict=False):
+            for name, s in series.items():
+                if s["service"] != service:
+                    continue
+                startup = s.get("startup_import_only") or {}
+                for label in sorted({r.get("label", "") for r in s["runs"]}):
+                    runs = [r for r in s["runs"] if r["rc"] == 0 and r.get("label", "") == label]
                     if not runs:
                         continue
                     x = np.array([r["rows"] for r in runs], dtype=float)
                     for key in keys:
                         y = np.array([r[key] for r in runs], dtype=float)
                         fit = loglog_slope(list(x), list(y))
-                        name = s.name.replace(f"{service}_", "") if s.name != service else ""
-                        tag = " ".join(
-                            t for t in (name, label, key.replace("_s", "").replace("peak_", "")) if t
-                        )
+                        short = name.replace(f"{service}_", "") if name != service else ""
+                        what = {"wall_s": "wall", "cpu_s": "CPU", "peak_rss_mb": "RSS"}[key]
+                        tag = " ".join(t for t in (short, label, what) if t)
                         k = f" (k={fit['exponent']:.2f})" if fit else ""
-                        ax.loglog(x, y, marker="o", linestyle="-" if key != "cpu_s" else "--", label=tag + k)
-                    if s.startup and "peak_rss_mb" in keys:
-                        ax.axhline(s.startup["peak_rss_mb"], color="grey", linestyle=":", linewidth=0.8)
+                        ax.loglog(x, y, marker="o", linestyle="--" if key == "cpu_s" else "-", label=tag + k)
+                if startup and "peak_rss_mb" in keys:
+                    ax.axhline(startup["peak_rss_mb"], color="grey", linestyle=":", linewidth=0.8)
+                if startup and "cpu_s" in keys:
+                    ax.axhline(startup["cpu_s"], color="grey", linestyle=":", linewidth=0.8)
+            unit = next(s["rows_unit"] for s in series.values() if s["service"] == service)
             ax.set_title(service, fontsize=10)
-            ax.set_xlabel("rows (log)")
+            ax.set_xlabel(f"{unit} (log)", fontsize=8)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        note = "dotted: import-only startup RSS" if "peak_rss_mb" in keys else "solid: wall, dashed: CPU"
+        table = flat[len(services)]
+        table.axis("off")
+        metric = "net_peak_rss_mb" if "peak_rss_mb" in keys else "net_cpu_s"
+        lines = [f"{'series':<30}k ({metric})"] + [
+            f"{name:<30}{e.get(metric)}" for name, e in exponents.items() if e.get(metric) is not None
+        ]
+        table.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
+        table.set_title("fitted log-log exponents, net of the import-only startup", fontsize=9)
+        for ax in flat[len(services) + 1 :]:
+            ax.axis("off")
+        note = "dotted: import-only startup" + ("" if "peak_rss_mb" in keys else "; solid wall, dashed CPU")
         fig.suptitle(
-            f"training {' / '.join(keys)} vs data size, 2 shared cores, no GPU ({note})", fontsize=10
+            f"training {' / '.join(keys)} vs data size; 2 shared cores, no GPU ({note})", fontsize=10
         )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -613,11 +635,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two small sizes per series (a smoke test)")
     parser.add_argument("--budget-min", type=float, default=25.0, help="skip runs predicted to overrun")
     parser.add_argument("--out", default="capacity", help="results name: bench/results/<out>.json")
+    parser.add_argument("--replot", action="store_true", help="redraw the charts from the results JSON")
     parser.add_argument("--child-chat", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_chat is not None:
         chat_child(args.child_chat, args.work)
+        return
+    if args.replot:
+        saved = json.loads((RESULTS / f"{args.out}.json").read_text())
+        chart(saved["series"], saved["exponents"], *(RESULTS / name for name in saved["charts"]))
+        print(f"redrew {', '.join(saved['charts'])} from {args.out}.json")
         return
     from tqdm import tqdm
 
@@ -640,49 +668,61 @@ def main() -> None:
     total = sum(len(s.runs) + 1 for s in series)
     budget_s = args.budget_min * 60
     try:
+        # Every series' startup first, then the runs round-robin (each series' smallest sizes before
+        # anyone's largest), so that a busy machine costs the largest sizes, not whole services.
+        schedule = [
+            (s, r) for r in range(max(len(s.runs) for s in series)) for s in series if r < len(s.runs)
+        ]
         with tqdm(total=total, desc="capacity", unit="run") as bar:
             for s in series:
                 bar.set_postfix_str(f"{s.name} startup")
                 m = measure([PY, "-c", f"import {s.startup_module}"], {}, work / f"{s.name}-startup.log")
                 s.startup = m.summary()
                 bar.update(1)
-                for i, run in enumerate(s.runs):
-                    tag = f"{s.name} {run.size} {run.label}".strip()
-                    bar.set_postfix_str(tag)
-                    elapsed = time.perf_counter() - started
-                    guess = predicted_wall(s, run)
-                    if elapsed + guess > budget_s:
-                        s.notes.append(
-                            f"skipped {run.size} {run.label}: predicted {guess:.0f}s past the budget"
-                        )
-                        tqdm.write(f"skip {tag}: predicted {guess:.0f}s, {elapsed:.0f}s used")
-                        bar.update(1)
-                        continue
-                    facts = run.prepare() if run.prepare else {}
-                    m = measure(run.argv, run.env, work / f"{s.name}-{i}.log")
-                    row: dict[str, Any] = {"size": run.size, "rows": run.rows, **m.summary()}
-                    if run.label:
-                        row["label"] = run.label
-                    if facts:
-                        row["data"] = facts
-                        row["rows"] = facts.get("interactions", run.rows)
-                    if m.rc == 0 and run.after is not None:
-                        try:
-                            extra = run.after(m)
-                        except (ValueError, IndexError, OSError) as exc:
-                            extra = {"error": f"could not read the run's output: {exc}"}
-                        row["output"] = extra
-                        if "rows" in extra:
-                            row["rows"] = extra["rows"]
-                    if m.rc != 0:
-                        row["log_tail"] = m.log[-1500:]
-                    s.results.append(row)
-                    tqdm.write(
-                        f"{tag:<34} rows={row['rows']:>9,} rc={m.rc} wall={m.wall_s:7.1f}s "
-                        f"cpu={m.cpu_s:7.1f}s rss={m.peak_rss_mb:7.0f}MB load={m.loadavg_after[0]:.2f} "
-                        f"other_cpu={m.other_cpu_share:.0%}"
+            for s, i in schedule:
+                run = s.runs[i]
+                tag = f"{s.name} {run.size} {run.label}".strip()
+                bar.set_postfix_str(tag)
+                elapsed = time.perf_counter() - started
+                guess = predicted_wall(s, run)
+                cold_ok = any(
+                    r["size"] == run.size and r.get("label") == "cold" and r["rc"] == 0 for r in s.results
+                )
+                if elapsed + guess > budget_s or (run.label == "warm" and not cold_ok):
+                    why = (
+                        f"predicted {guess:.0f}s past the budget"
+                        if elapsed + guess > budget_s
+                        else "no cold run"
                     )
+                    s.notes.append(f"skipped {run.size} {run.label}: {why}")
+                    tqdm.write(f"skip {tag}: predicted {guess:.0f}s, {elapsed:.0f}s used")
                     bar.update(1)
+                    continue
+                facts = run.prepare() if run.prepare else {}
+                m = measure(run.argv, run.env, work / f"{s.name}-{i}.log")
+                row: dict[str, Any] = {"size": run.size, "rows": run.rows, **m.summary()}
+                if run.label:
+                    row["label"] = run.label
+                if facts:
+                    row["data"] = facts
+                    row["rows"] = facts.get("interactions", run.rows)
+                if m.rc == 0 and run.after is not None:
+                    try:
+                        extra = run.after(m)
+                    except (ValueError, IndexError, OSError) as exc:
+                        extra = {"error": f"could not read the run's output: {exc}"}
+                    row["output"] = extra
+                    if "rows" in extra:
+                        row["rows"] = extra["rows"]
+                if m.rc != 0:
+                    row["log_tail"] = m.log[-1500:]
+                s.results.append(row)
+                tqdm.write(
+                    f"{tag:<34} rows={row['rows']:>9,} rc={m.rc} wall={m.wall_s:7.1f}s "
+                    f"cpu={m.cpu_s:7.1f}s rss={m.peak_rss_mb:7.0f}MB load={m.loadavg_after[0]:.2f} "
+                    f"other_cpu={m.other_cpu_share:.0%}"
+                )
+                bar.update(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     models_after = sorted(p.name for p in (ROOT / "models").glob("*/*")) if (ROOT / "models").exists() else []
@@ -718,7 +758,7 @@ def main() -> None:
         out["sentiment_embedding"] = sentiment_embedding(out["series"]["sentiment"]["runs"])
     charts = [RESULTS / f"{args.out}_time.png", RESULTS / f"{args.out}_memory.png"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    chart(series, *charts)
+    chart(out["series"], out["exponents"], *charts)
     out["charts"] = [c.name for c in charts]
     out["failed_runs"] = [
         f"{name} {r['size']} {r.get('label', '')}".strip()
