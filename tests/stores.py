@@ -138,15 +138,20 @@ def remove_tree_later(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def store_env(pg_url: str, redis_url: str) -> dict[str, str]:
-    """The environment a service needs for the shared state backend, given the fixtures' URLs."""
+def shared_fields(pg_url: str, redis_url: str) -> dict[str, str]:
+    """Settings fields of the shared state backend on the fixtures' servers (for in-process servers)."""
     return {
-        "CBEC_STATE_BACKEND": "shared",
-        "CBEC_DATABASE_URL": pg_url,
-        "CBEC_DATABASE_PASSWORD": PG_PASSWORD,
-        "CBEC_REDIS_URL": redis_url,
-        "CBEC_REDIS_PASSWORD": REDIS_PASSWORD,
+        "state_backend": "shared",
+        "database_url": pg_url,
+        "database_password": PG_PASSWORD,
+        "redis_url": redis_url,
+        "redis_password": REDIS_PASSWORD,
     }
+
+
+def store_env(pg_url: str, redis_url: str) -> dict[str, str]:
+    """The same as environment variables (for services started as processes)."""
+    return {f"CBEC_{k.upper()}": v for k, v in shared_fields(pg_url, redis_url).items()}
 
 
 class _Server:

@@ -31,7 +31,15 @@ from services.runtime.config import load_settings
 from services.runtime.errors import status_from_error
 from services.runtime.state import StateConfig
 from tests.chat.conftest import Prepared, chat_settings, converse, running, seed
-from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, RedisServer, free_port, store_env
+from tests.stores import (
+    PG_PASSWORD,
+    REDIS_PASSWORD,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    shared_fields,
+    store_env,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GIFT_CARDS = chat_pb2.Article(
@@ -68,11 +76,7 @@ def shared_settings(prepared: Prepared, state_dir: Path, pg: str, rd: str, **ove
     return chat_settings(
         prepared,
         state_dir,
-        state_backend="shared",
-        database_url=pg,
-        database_password=PG_PASSWORD,
-        redis_url=rd,
-        redis_password=REDIS_PASSWORD,
+        **shared_fields(pg, rd),
         state_timeout_s=1.0,
         **over,
     )

@@ -20,7 +20,6 @@ from services.recommender.train import Prepared, TrainConfig, embed_catalogue, p
 from services.runtime.device import Device
 from services.runtime.model_store import ModelStore
 from services.runtime.server import Server
-from tests.stores import pg_url, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
 from tests.support import local_settings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -30,7 +30,7 @@ from services.runtime.server import Server
 from services.runtime.state import PostgresDatabase
 from tests.recommender.conftest import Shop, settings_for
 from tests.recommender.test_process import start, wait_serving
-from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, store_env
+from tests.stores import PG_PASSWORD, PostgresServer, shared_fields, store_env
 
 DEADLINE_S = 30.0  # generous: the feed normally takes milliseconds; the issue's goal is 1 s
 Stub = recommender_pb2_grpc.RecommenderServiceStub
@@ -41,11 +41,7 @@ def shared(pg_url: str, redis_db: str) -> dict[str, Any]:
     """Settings every replica of a test shares: the same database (the recommender needs no Redis, but
     the shared backend is configured as the chart configures it)."""
     return dict(
-        state_backend="shared",
-        database_url=pg_url,
-        database_password=PG_PASSWORD,
-        redis_url=redis_db,
-        redis_password=REDIS_PASSWORD,
+        **shared_fields(pg_url, redis_db),
     )
 
 

@@ -22,14 +22,7 @@ from services.risk.state import LabelledTx
 from services.risk.train import Dataset, TrainConfig, TrainResult, build_dataset, fit, save_version
 from services.runtime.server import Server
 from tests.risk.synth import stream
-from tests.stores import (  # noqa: F401  (fixtures)
-    PG_PASSWORD,
-    REDIS_PASSWORD,
-    pg_url,
-    postgres_server,
-    redis_db,
-    redis_server,
-)
+from tests.stores import shared_fields
 
 TINY = TrainConfig(trees=40, forest_trees=25, early_stopping=15, threads=1, progress=False, plots=True)
 
@@ -74,11 +67,7 @@ def shared_settings(models_dir: Path, state_dir: Path, pg: str, rd: str, **overr
     return risk_settings(
         models_dir,
         state_dir,
-        state_backend="shared",
-        database_url=pg,
-        database_password=PG_PASSWORD,
-        redis_url=rd,
-        redis_password=REDIS_PASSWORD,
+        **shared_fields(pg, rd),
         state_timeout_s=1.0,
         **overrides,
     )

@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.risk.features import Tx
 from services.risk.state import StateStore
 from services.runtime.state import PostgresDatabase
-from tests.risk.conftest import PG_PASSWORD, REDIS_PASSWORD, Trained, good_transaction, now_ms, ts
-from tests.stores import store_env
+from tests.risk.conftest import Trained, good_transaction, now_ms, ts
+from tests.stores import PG_PASSWORD, REDIS_PASSWORD, store_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -41,8 +41,6 @@ from services.runtime.errors import status_from_error
 from services.runtime.server import Server
 from services.runtime.state import PostgresDatabase
 from tests.risk.conftest import (
-    PG_PASSWORD,
-    REDIS_PASSWORD,
     Trained,
     good_transaction,
     now_ms,
@@ -51,7 +49,7 @@ from tests.risk.conftest import (
     ts,
 )
 from tests.risk.synth import stream
-from tests.stores import PostgresServer, RedisServer
+from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, RedisServer
 
 WINDOW_SETS = [WINDOWS, (HOUR_MS, 10 * MINUTE_MS, DAY_MS)]
 

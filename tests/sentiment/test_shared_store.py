@@ -28,7 +28,7 @@ from services.sentiment.server import SentimentService
 from services.sentiment.store import HOUR_MS, ReviewStore
 from tests.sentiment.conftest import settings_for
 from tests.sentiment.test_process import start, wait_serving
-from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, store_env
+from tests.stores import PG_PASSWORD, PostgresServer, shared_fields, store_env
 
 # Clearly polar texts (their labels do not sit near a decision boundary), in two languages.
 TEXTS = [
@@ -45,11 +45,7 @@ def shared(models: Path, state: Path, pg_url: str, redis_url: str, **over: Any) 
     return settings_for(
         models,
         state,
-        state_backend="shared",
-        database_url=pg_url,
-        database_password=PG_PASSWORD,
-        redis_url=redis_url,
-        redis_password=REDIS_PASSWORD,
+        **shared_fields(pg_url, redis_url),
         **over,
     )
 

@@ -17,7 +17,6 @@ from services.vision import features, model, train
 from services.vision.config import VisionSettings
 from services.vision.images import ImageLimits, decode
 from services.vision.server import VisionService
-from tests.stores import pg_url, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
 from tests.support import local_settings
 from tests.vision import imagegen
 

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.runtime.errors import status_from_error
 from services.runtime.server import Server
 from services.vision.server import VisionService
-from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, store_env
+from tests.stores import PostgresServer, shared_fields, store_env
 from tests.vision import imagegen
 from tests.vision.conftest import index_requests, make_settings, stream
 from tests.vision.test_process import free_port, start, wait_serving
@@ -38,11 +38,7 @@ def shared(pg_url: str, redis_db: str) -> dict[str, Any]:
     change feed can bring one replica's writes to another within the deadline."""
     return dict(
         vision_sync_check_s=3600,
-        state_backend="shared",
-        database_url=pg_url,
-        database_password=PG_PASSWORD,
-        redis_url=redis_db,
-        redis_password=REDIS_PASSWORD,
+        **shared_fields(pg_url, redis_db),
     )
 
 
