@@ -9,8 +9,10 @@
   ``velocity_mismatches`` (goal 0), ``global_rate_limit_excess_ratio`` (goal <= 1.1);
 - risk ``ScoreTransaction`` at concurrency 4 on the shared backend and on the embedded one (a second
   rendering of the chart with ``state.backend=embedded``, the risk pod alone), p99 read from the
-  server's own ``grpc_server_handling_seconds`` histogram (goal <= 5 ms each); the client's view on
-  the same 2 cores is reported beside it, not judged.
+  server's own ``grpc_server_handling_seconds`` histogram (goal <= 5 ms each). The p99 is interpolated
+  inside the runtime's buckets (5-10-25 ms apart), so it is an estimate; ``within_5ms_share`` is exact,
+  and the goal holds exactly when it is >= 0.99. The client's view on the same 2 cores is reported
+  beside it, not judged.
 
 Run: ``make bench-scaleout`` -> bench/results/scaleout.json and scaleout.png.
 """
@@ -205,6 +207,8 @@ def main() -> None:
     for backend in ("shared", "embedded"):
         figures = results[f"risk_{backend}"]
         results[f"score_server_p99_ms_{backend}"] = figures["server"].get("p99_ms_estimate")
+        # Exact (5 ms is a bucket edge of the runtime's histogram): the goal holds iff this is >= 0.99.
+        results[f"score_server_within_5ms_share_{backend}"] = figures["server"].get("within_5ms_share")
         results[f"score_client_p99_ms_{backend}"] = figures["client"]["client_p99_ms"]
     results["replicas"] = {"recommender": 2, "chat": 2, "sentiment": 2, "vision": 2, "risk": 2, "gateway": 2}
     results["goals"] = GOALS
@@ -212,7 +216,14 @@ def main() -> None:
     chart(results, RESULTS / "scaleout.png")
     path = write_results("scaleout", results)
     console.print(f"wrote {path}")
-    for key in (*GOALS, "acknowledged_writes", "score_server_p99_ms_shared", "score_server_p99_ms_embedded"):
+    for key in (
+        *GOALS,
+        "acknowledged_writes",
+        "score_server_p99_ms_shared",
+        "score_server_p99_ms_embedded",
+        "score_server_within_5ms_share_shared",
+        "score_server_within_5ms_share_embedded",
+    ):
         if key not in results:
             continue
         console.print(f"{key}: {results[key]}")
