@@ -7,8 +7,8 @@ test supplies, as the API server would), as the chart's non-root user, in the im
 directory (this checkout, which that user cannot write), with only the pod's volumes writable.
 
 What a pod network would give and a single host does not is substituted, and only that:
-- each pod gets its own loopback address (127.0.<deployment>.<replica>); ``CBEC_HOST=0.0.0.0`` inside a
-  pod's network namespace means "the pod IP", so it becomes that address;
+- each pod gets its own loopback address (127.<cluster>.<deployment>.<replica>); ``CBEC_HOST=0.0.0.0``
+  inside a pod's network namespace means "the pod IP", so it becomes that address;
 - the cluster DNS name of a headless Service (``dns:///<svc>.<ns>.svc.<domain>:<port>``) resolves to
   its pods' addresses, so it becomes ``ipv4:<pod1>:<port>,<pod2>:<port>`` (gRPC's static resolver,
   still balanced round-robin by the client);
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +80,9 @@ class ChartCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Components to run (e.g. {"risk"}); None runs every Deployment.
     only: set[str] | None = None
+    #: Pods get 127.<subnet>.<deployment>.<replica>: each cluster its own block, so two clusters on one
+    #: host (a test beside a module-wide one) never answer for each other.
+    subnet: int = field(default_factory=lambda: random.randint(16, 250))
     pods: list[Pod] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,11 +103,12 @@ class ChartCluster:
 
     # --- building pods from the manifests ---------------------------------------------------------------
     def _pod(self, dep: dict[str, Any], index: int, replica: int) -> Pod:
+        """A pod of a Deployment, or (``kind: Job``) the pod a Job runs."""
         name = dep["metadata"]["name"]
         component = dep["metadata"]["labels"].get("app.kubernetes.io/component", name)
         spec = dep["spec"]["template"]["spec"]
         container = spec["containers"][0]
-        ip = f"127.0.{index}.{replica + 1}"
+        ip = f"127.{self.subnet}.{index}.{replica + 1}"
         pod_dir = self.work_dir / f"{name}-{replica}"
         mounts = self._mounts(spec, container, pod_dir)
         env: dict[str, str] = {}
@@ -132,7 +138,7 @@ class ChartCluster:
                 **self.extra_env,
             }
         )
-        argv = [*container.get("command", []), *container.get("args", [])]
+        argv = [_expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
         if not argv:
             raise ValueError(f"{name}: the chart renders no command; the harness runs only what it renders")
         if argv[0] == "python":
@@ -258,6 +264,19 @@ class ChartCluster:
 
         asyncio.run(every())
 
+    def run_job(self, name: str, timeout: float = 300.0) -> tuple[int, str]:
+        """Run the rendered Job ``name``'s pod to completion (what the Job controller does once);
+        returns (exit status, its log)."""
+        job = next(d for d in self.docs if d["kind"] == "Job" and d["metadata"]["name"] == name)
+        pod = self._pod(job, 250, 0)
+        self.start(pod)
+        assert pod.proc is not None
+        try:
+            pod.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9(pod)
+        return pod.proc.returncode, pod.log_tail(6000)
+
     @contextlib.contextmanager
     def running(self, timeout: float = 240.0) -> Iterator[ChartCluster]:
         try:
@@ -266,6 +285,11 @@ class ChartCluster:
             yield self
         finally:
             self.stop_all()
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion of command and args from the container's env."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
 
 
 def _as_pod_user(argv: list[str]) -> list[str]:

@@ -76,6 +76,12 @@ def scaleout_values(pg: PostgresServer, pg_url: str, redis: RedisServer, replica
         "secretEnv": [{"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}],
     }
     services["chat"]["env"] = {"CBEC_LLM_BACKEND": "none"}
+    # A training Job for risk (small and fast here), and serving pods that look for new versions often.
+    services["risk"]["training"] = {
+        "enabled": True,
+        "args": ["--limit", "4000", "--trees", "30", "--no-plots"],
+    }
+    services["risk"]["modelPollSeconds"] = 1
     return {
         "state": {
             "backend": "shared",

@@ -7,6 +7,7 @@ See tests/deploy/chart_run.py for what is executed as rendered and what a single
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.chart_run import ROOT, writable_by_pod_user
-from tests.deploy.scaleout import STATEFUL, Suite, png, running_embedded, running_suite
+from tests.deploy.scaleout import STATEFUL, Suite, eventually, png, running_embedded, running_suite
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -101,6 +102,47 @@ async def test_nothing_acknowledged_is_lost_when_a_replica_is_killed(s: Suite) -
         assert counts["acknowledged"] > 0, (kind, counts)
         assert counts["lost"] == 0, (kind, counts)
     await asyncio.sleep(0)
+
+
+async def test_a_training_job_reads_the_shared_store_and_every_replica_picks_up_its_version(s: Suite) -> None:
+    """The chart's risk training Job, run as rendered: it reads the outcome labels from the shared
+    PostgreSQL, writes a new version to the models volume, and both serving pods load it (model
+    polling) without a restart. Last in this module: the other checks need one model on both pods."""
+    from cbec.common.v1 import common_pb2, common_pb2_grpc
+
+    (job,) = [d["metadata"]["name"] for d in s.cluster.docs if d["kind"] == "Job"]
+    async with s.http() as session:  # a scored transaction and its label, for the Job to read
+        (tx,) = s.card_sequence(time.time() - 600, cards=1, per_card=1)
+        tx_json = {
+            "transactionId": tx.transaction_id,
+            "userId": tx.user_id,
+            "cardFingerprint": tx.card_fingerprint,
+            "amount": tx.amount,
+            "currency": tx.currency,
+            "occurredTime": tx.occurred_time.ToJsonString(),
+            **{key: "DE" for key in ("billingCountry", "shippingCountry", "ipCountry")},
+        }
+        assert (await s.post(session, 0, "/v1/risk/score", {"transaction": tx_json}))[0] == 200
+        body = {"transactionId": tx.transaction_id, "outcome": "OUTCOME_CHARGEBACK"}
+        assert (await s.post(session, 1, "/v1/risk/outcomes", body))[0] == 200
+    pods = s.pods("risk")
+    before = {p.name: p.restarts for p in pods}
+    code, log = await asyncio.to_thread(s.cluster.run_job, job)
+    assert code == 0, log
+    newest = max(v.name for v in (s.cluster.models_dir / "risk").iterdir() if (v / "manifest.json").exists())
+    manifest = json.loads((s.cluster.models_dir / "risk" / newest / "manifest.json").read_text())
+    assert manifest["metrics"]["outcomes_labelled"] >= 1, manifest["metrics"]
+
+    async def serving_newest() -> bool:
+        for pod in pods:
+            admin = common_pb2_grpc.ModelAdminServiceStub(s.channel(pod))
+            status = await admin.GetModelStatus(common_pb2.GetModelStatusRequest(), timeout=5)
+            if status.serving.version != newest:
+                return False
+        return True
+
+    await eventually(serving_newest, timeout=30)
+    assert {p.name: p.restarts for p in pods} == before and all(p.alive for p in pods)
 
 
 def test_embedded_state_survives_a_pod_restart() -> None:
