@@ -79,6 +79,143 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
             "grafanaDashboard": {"enabled": True},
         },
     },
+    # The values examples in deploy/README.md, as written there (section in brackets).
+    "readme: minimal install [2]": {
+        "image": {"registry": "registry.acme.io/cbec", "pullSecrets": ["acme-registry"]},
+        "models": {"source": "pvc", "pvc": {"existingClaim": "cbec-models"}},
+        "monitoring": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "grafanaDashboard": {"enabled": True},
+        },
+    },
+    "readme: gateway credentials [2]": {
+        "services": {
+            "gateway": {
+                "secretEnv": [
+                    {"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys.json"}
+                ],
+                "secretMounts": [
+                    {"name": "keys", "secretName": "cbec-gateway-keys", "mountPath": "/etc/cbec/keys"}
+                ],
+                "env": {"CBEC_ENV": "prod", "CBEC_API_KEYS_FILE": "/etc/cbec/keys/keys.json"},
+            }
+        }
+    },
+    "readme: a new service [2]": {
+        "services": {"translate": {"grpcPort": 50060, "metricsPort": 9110, "gpuImage": True}}
+    },
+    "readme: embedded state [3]": {
+        "state": {"backend": "embedded", "embedded": {"size": "20Gi", "storageClassName": "standard-rwo"}},
+        "services": {"gateway": {"replicas": 1}},
+    },
+    "readme: bundled stores, own Secret [3]": {
+        "state": {
+            "postgres": {
+                "bundled": {
+                    "existingSecret": "cbec-state-creds",
+                    "storage": {"size": "50Gi", "storageClassName": "fast-ssd"},
+                    "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+                }
+            },
+            "redis": {"bundled": {"existingSecret": "cbec-state-creds", "appendfsync": "always"}},
+        }
+    },
+    "readme: external stores [3]": {
+        "state": {
+            "postgres": {
+                "bundled": {"enabled": False},
+                "external": {
+                    "url": "postgresql://cbec@pg.db.internal:5432/cbec?sslmode=require",
+                    "existingSecret": "cbec-db",
+                    "passwordKey": "password",
+                    "egressTo": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
+                },
+            },
+            "redis": {
+                "bundled": {"enabled": False},
+                "external": {
+                    "url": "rediss://cache.db.internal:6380/0",
+                    "existingSecret": "cbec-redis",
+                    "passwordKey": "password",
+                    "egressTo": [{"ipBlock": {"cidr": "10.20.1.0/24"}}],
+                },
+            },
+        }
+    },
+    "readme: GPU nodes [4]": {
+        "services": {
+            "recommender": {
+                "gpu": {"count": 1, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+                "runtimeClassName": "nvidia",
+                "affinity": {},
+            },
+            "vision": {"gpu": {"count": 1}, "device": "cuda:0"},
+        }
+    },
+    "readme: replicas and autoscaling [5]": {
+        "services": {
+            "risk": {"replicas": 3},
+            "gateway": {"replicas": 3},
+            "recommender": {
+                "autoscaling": {
+                    "enabled": True,
+                    "minReplicas": 2,
+                    "maxReplicas": 10,
+                    "targetCPUUtilization": 70,
+                    "inFlightPerPod": 16,
+                }
+            },
+        }
+    },
+    "readme: training [6]": {
+        "services": {
+            "risk": {
+                "training": {
+                    "enabled": True,
+                    "schedule": "0 3 * * *",
+                    "timeZone": "Europe/Berlin",
+                    "args": ["--data", "/models/datasets/transactions.csv.gz"],
+                }
+            },
+            "chat": {"training": {"enabled": True, "args": ["--seed"]}},
+            "recommender": {
+                "training": {
+                    "enabled": True,
+                    "schedule": "0 2 * * 0",
+                    "args": ["--interactions", "store", "--out", "$(CBEC_STATE_DIR)/recommender/eval"],
+                }
+            },
+        }
+    },
+    "readme: vision training on your photos [6]": {
+        "services": {
+            "vision": {
+                "training": {"enabled": True, "args": ["--images", "/models/datasets/photos"]},
+                "env": {"CBEC_VISION_DATA_DIR": "/var/lib/cbec/vision"},
+            }
+        }
+    },
+    "readme: model version in values [6]": {"services": {"risk": {"modelVersion": "20261129T030512123456Z"}}},
+    "readme: network policy peers [8]": {
+        "networkPolicy": {
+            "gatewayFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+            ],
+            "servicesFrom": [{"namespaceSelector": {"matchLabels": {"team": "platform"}}}],
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+                {"ipBlock": {"cidr": "10.0.0.10/32"}},
+            ],
+            "dnsTo": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                },
+                {"ipBlock": {"cidr": "169.254.20.10/32"}},
+            ],
+        }
+    },
 }
 OLDEST_KUBERNETES = "1.30.0"  # Chart.yaml kubeVersion
 

@@ -1,6 +1,8 @@
 """cbecctl: the SRE command line for cbec-ai on Kubernetes.
 
 Shows each service's replicas, readiness, GPUs and model versions; scales services; rolls out model
-versions and waits for them; restarts; reports GPU requests against node capacity. Run it as
+versions through the runtime's model-admin API (never by patching the Helm-managed Deployments) and
+verifies them on every pod; prints the Helm values that make a change part of the release; restarts;
+reports GPU requests against node capacity. Run it as
 ``python -m tools.cbecctl --help``.
 """

@@ -5,47 +5,44 @@ their ``app.kubernetes.io/component`` label. Writes are JSON merge patches carry
 resourceVersion, so a concurrent change makes them fail (409) instead of being overwritten. List calls
 send label selectors and also filter on the client, so they are exact even against an API emulator
 that ignores selectors.
+
+The Deployments and autoscalers belong to a Helm release, and ``helm upgrade`` sets every field the chart
+renders back to the chart's value. So cbecctl changes a model version through the runtime's model-admin
+API (never the pod template); ``scale`` patches replicas or an autoscaler's bounds for the moment and
+says which values make the change last; ``restart`` sets the pod-template annotation that
+``kubectl rollout restart`` sets, which the chart does not render and Helm leaves alone.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
+
+from tools.cbecctl.admin import AdminApi, AdminApiError, version_of
+from tools.cbecctl.errors import CbecctlError, Conflict, RolloutFailed
+from tools.cbecctl.helm import release_namespace, release_of
+
+__all__ = ["Cbec", "CbecctlError", "Conflict", "GpuReport", "RolloutFailed", "RolloutResult", "ServiceStatus"]
 
 PART_OF = "app.kubernetes.io/part-of"
 COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 MODEL_LABEL = "cbec.ai/model-version"
-MODEL_PATH = "cbec.ai/model-path"
+MODEL_SOURCE = "cbec.ai/model-source"
+STATE_BACKEND_ENV = "CBEC_STATE_BACKEND"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 MODEL_ENV = "CBEC_MODEL_VERSION"
 NEWEST = "newest"
 VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6,12}Z$")
 MERGE_PATCH = "application/merge-patch+json"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-
-
-class CbecctlError(Exception):
-    """A failure to report to the SRE as one clear line (exit status 1)."""
-
-    exit_code = 1
-
-
-class Conflict(Exception):
-    """The object changed between our read and our write (HTTP 409)."""
-
-
-class RolloutFailed(CbecctlError):
-    """A roll-out that did not complete in time or cannot progress (exit status 3)."""
-
-    exit_code = 3
 
 
 @dataclass
@@ -74,6 +71,8 @@ class RolloutResult:
     seconds: float
     loaded_models: dict[str, int]
     changed: bool = True
+    serving_model: str = ""  # the version ``model`` resolved to (``newest``: the newest valid one)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -225,10 +224,7 @@ class Cbec:
         Read through the API server's pod proxy; a pod whose metrics cannot be read counts as '?'.
         """
         counts: dict[str, int] = {}
-        for pod in self.pods(deployment):
-            if not is_ready(pod):
-                continue
-            version = self.pod_model_version(pod)
+        for version in self.serving_versions(deployment).values():
             counts[version] = counts.get(version, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -318,7 +314,11 @@ class Cbec:
         min_replicas: int | None = None,
         max_replicas: int | None = None,
     ) -> dict[str, Any]:
-        """Set a service's replicas, or its autoscaler's bounds when an HPA owns the replica count."""
+        """Set a service's replicas, or its autoscaler's bounds when an HPA owns the replica count.
+
+        The result names the Helm release that manages the object (``helm_release``) and the values that
+        keep the change through the next ``helm upgrade`` (``helm_values``), which would otherwise undo it.
+        """
         deployment = self.find(service)
         hpa = self.autoscaler(deployment)
         if hpa is not None:
@@ -338,14 +338,67 @@ class Cbec:
                 {"spec": {"minReplicas": low, "maxReplicas": high}},
                 _content_type=MERGE_PATCH,
             )
-            return {"service": service, "autoscaler": hpa.metadata.name, "min": low, "max": high}
+            return {
+                "service": service,
+                "autoscaler": hpa.metadata.name,
+                "min": low,
+                "max": high,
+                **self._helm_note(
+                    hpa.metadata,
+                    {
+                        f"services.{service}.autoscaling.minReplicas": low,
+                        f"services.{service}.autoscaling.maxReplicas": high,
+                    },
+                ),
+            }
         if min_replicas is not None or max_replicas is not None:
             raise CbecctlError(f"{service} has no autoscaler; give a replica count instead of --min/--max")
         if replicas is None or replicas < 0:
             raise CbecctlError("give the number of replicas (0 or more)")
+        container = self.main_container(deployment)
+        strategy = deployment.spec.strategy.type if deployment.spec.strategy else None
+        if replicas > 1 and env_value(container, STATE_BACKEND_ENV) == "embedded" and strategy == "Recreate":
+            raise CbecctlError(
+                f"{service} keeps its state on one ReadWriteOnce volume (state.backend=embedded): it runs "
+                "one replica; more need the shared state backend (state.backend=shared)"
+            )
         previous = deployment.spec.replicas
         self.update(service, lambda _: {"spec": {"replicas": replicas}})
-        return {"service": service, "deployment": deployment.metadata.name, "from": previous, "to": replicas}
+        return {
+            "service": service,
+            "deployment": deployment.metadata.name,
+            "from": previous,
+            "to": replicas,
+            **self._helm_note(deployment.metadata, {f"services.{service}.replicas": replicas}),
+        }
+
+    @staticmethod
+    def _helm_note(metadata: client.V1ObjectMeta, values: dict[str, Any]) -> dict[str, Any]:
+        release = release_of(metadata)
+        if release is None:
+            return {}
+        return {"helm_release": release, "helm_namespace": release_namespace(metadata), "helm_values": values}
+
+    def pin_values(self, service: str, version: str) -> dict[str, Any]:
+        """The Helm values that pin a service's model version in its release (``newest``: un-pin)."""
+        if version != NEWEST and not VERSION_RE.match(version):
+            raise CbecctlError(
+                f"{version!r} is not a model version (a UTC timestamp like 20261129T030512123456Z)"
+                " or 'newest'"
+            )
+        deployment = self.find(service)
+        current = env_value(self.main_container(deployment), MODEL_ENV)
+        if current is None:
+            raise CbecctlError(f"{service} serves no model ({MODEL_ENV} is not set on its container)")
+        note = self._helm_note(
+            deployment.metadata, {f"services.{service}.modelVersion": "" if version == NEWEST else version}
+        )
+        if not note:
+            raise CbecctlError(
+                f"{service}'s Deployment {deployment.metadata.name} is not managed by Helm: there are no "
+                "values to set"
+            )
+        return {"service": service, "pinned": current or NEWEST, "version": version, **note}
 
     def restart(self, service: str, timeout: float | None) -> dict[str, Any]:
         """Roll every pod of a service (as ``kubectl rollout restart``), optionally waiting."""
@@ -358,83 +411,184 @@ class Cbec:
             self.wait_rollout(service, patched, timeout)
         return {"service": service, "restartedAt": stamp, "seconds": round(time.monotonic() - started, 1)}
 
+    # --- model roll-outs: the model-admin API, never the Helm-managed Deployment ---
+    def model_rollout_checks(self, deployment: client.V1Deployment) -> list[str]:
+        """Refuse a roll-out through the admin API where it could not reach every replica or would be
+        undone by the pods themselves; return warnings for what it allows with a caveat."""
+        service = self.service_of(deployment)
+        container = self.main_container(deployment)
+        values_pin = env_value(container, MODEL_ENV)
+        if values_pin is None:
+            raise CbecctlError(f"{service} serves no model ({MODEL_ENV} is not set on its container)")
+        if values_pin:
+            raise CbecctlError(
+                f"{service} is pinned to model {values_pin} by its Deployment ({MODEL_ENV}, the Helm value "
+                f"services.{service}.modelVersion), which every replica prefers to the admin API's choice: "
+                f"change that pin with values (`cbecctl pin-model {service} VERSION` prints the helm "
+                f"command), or remove it (`cbecctl pin-model {service} newest`) to roll out through the "
+                "admin API"
+            )
+        annotations = deployment.spec.template.metadata.annotations or {}
+        if annotations.get(MODEL_SOURCE) == "objectStore":
+            raise CbecctlError(
+                f"{service}'s pods copy one model version from the object store when they start "
+                "(models.source=objectStore), so they cannot switch to another one through the admin API: "
+                f"pin it with values (`cbecctl pin-model {service} VERSION` prints the helm command)"
+            )
+        backend = env_value(container, STATE_BACKEND_ENV) or "embedded"
+        if backend == "shared":
+            return []
+        replicas = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+        if replicas > 1 or self.autoscaler(deployment) is not None:
+            raise CbecctlError(
+                f"{service} uses the {backend} state backend: an admin API call reaches one of its replicas "
+                "and the others never hear of it; pin the version with values instead "
+                f"(`cbecctl pin-model {service} VERSION` prints the helm command)"
+            )
+        return [
+            f"{service} uses the {backend} state backend: the version is chosen in its one pod only, and a "
+            "restarted pod loads the newest version again; to keep it, pin it with values "
+            f"(`cbecctl pin-model {service} VERSION`)"
+        ]
+
     def rollout_model(
-        self, service: str, version: str, timeout: float, undo_on_failure: bool = False
+        self,
+        service: str,
+        version: str,
+        admin: AdminApi,
+        timeout: float,
+        undo_on_failure: bool = True,
     ) -> RolloutResult:
-        """Point a service at a model version (or ``newest``) and wait until every pod serves it."""
+        """Serve a model version (or un-pin with ``newest``) on every replica through the model-admin API,
+        then wait until every ready pod reports serving it; on failure or timeout put the previous version
+        back the same way. The Deployment is never patched, so ``helm upgrade`` has nothing to undo."""
         if version != NEWEST and not VERSION_RE.match(version):
             raise CbecctlError(
                 f"{version!r} is not a model version (a UTC timestamp like 20261129T030512123456Z)"
                 " or 'newest'"
             )
         deployment = self.find(service)
-        container = self.main_container(deployment)
-        current = env_value(container, MODEL_ENV)
-        if current is None:
-            raise CbecctlError(f"{service} serves no model ({MODEL_ENV} is not set on its container)")
-        previous = current or NEWEST
-        started = time.monotonic()
-        if previous == version:
-            return RolloutResult(
-                service,
-                deployment.metadata.name,
-                previous,
-                version,
-                0.0,
-                self.loaded_models(deployment),
-                False,
+        warnings = self.model_rollout_checks(deployment)
+        before = self.serving_versions(deployment)
+        if before and set(before.values()) == {"?"}:
+            raise CbecctlError(
+                f"cannot verify a roll-out of {service}: no pod's /metrics can be read through the API "
+                "server's pod proxy (cbecctl needs get on pods/proxy in this namespace)"
             )
-        patched = self.update(service, lambda d: self._model_patch(d, version))
+        store = admin.status(service)
+        entries = [e for e in store.get("versions") or [] if isinstance(e, dict)]
+        valid = sorted(str(e["version"]) for e in entries if e.get("valid") and e.get("version"))
+        if version != NEWEST and version not in valid:
+            entry = next((e for e in entries if e.get("version") == version), None)
+            state = (
+                f"not valid ({entry.get('error') or 'no manifest'})" if entry else "not in the model store"
+            )
+            raise CbecctlError(
+                f"{service}: model version {version} is {state}; valid versions: "
+                + (", ".join(valid[-5:]) if valid else "none")
+            )
+        if not valid:
+            raise CbecctlError(f"{service}: the model store holds no valid version")
+        known = {v for v in before.values() if VERSION_RE.match(v)}
+        previous = known.pop() if len(known) == 1 else version_of(store.get("serving"))
+        started = time.monotonic()
+        deadline = started + timeout
         try:
-            self.wait_rollout(service, patched, timeout)
-        except RolloutFailed as failure:
-            if not undo_on_failure:
-                raise
-            reverted = self.update(service, lambda d: self._model_patch(d, previous))
-            try:
-                self.wait_rollout(service, reverted, timeout)
-            except RolloutFailed as undo_failure:
+            answer = admin.load(service, "" if version == NEWEST else version, min(max(timeout, 1), 60))
+        except AdminApiError as exc:
+            if exc.nothing_changed:
                 raise RolloutFailed(
-                    f"{failure}; rolling back to {previous} failed too: {undo_failure}"
+                    f"{service}: model {version} not rolled out, nothing changed: {exc}"
                 ) from None
-            raise RolloutFailed(f"{failure}; rolled back to model {previous}") from None
-        loaded = self.loaded_models(self.find(service))
-        if version != NEWEST and set(loaded) - {version, "?"}:
-            raise RolloutFailed(f"{service} rolled out but its pods report serving {loaded}, not {version}")
+            self._roll_back(
+                deployment, admin, previous, RolloutFailed(f"{service}: {exc}"), timeout, undo_on_failure
+            )
+        expected = version if version != NEWEST else version_of(answer.get("serving")) or valid[-1]
+        try:
+            # un-pinned replicas may already have moved on to a version a training job just wrote
+            loaded = self.wait_serving(deployment, expected, timeout, deadline, newer_ok=version == NEWEST)
+        except RolloutFailed as failure:
+            self._roll_back(deployment, admin, previous, failure, timeout, undo_on_failure)
         return RolloutResult(
-            service, deployment.metadata.name, previous, version, round(time.monotonic() - started, 1), loaded
+            service,
+            deployment.metadata.name,
+            previous or "?",
+            version,
+            round(time.monotonic() - started, 1),
+            loaded,
+            changed=set(before.values()) != {expected},
+            serving_model=expected,
+            warnings=warnings,
         )
 
-    def _model_patch(self, deployment: client.V1Deployment, version: str) -> dict[str, Any]:
-        """A merge patch setting the model version on the pod template: label, annotation and the env of
-        every container that has it (the service and the model-fetch init container)."""
-        pinned = "" if version == NEWEST else version
-        spec = deployment.spec.template.spec
+    def _roll_back(
+        self,
+        deployment: client.V1Deployment,
+        admin: AdminApi,
+        previous: str,
+        failure: RolloutFailed,
+        timeout: float,
+        undo: bool,
+    ) -> NoReturn:
+        """Put the version served before back through the admin API and wait for it; always raises."""
+        service = self.service_of(deployment)
+        if not undo:
+            raise RolloutFailed(f"{failure}; not rolled back (--no-undo)")
+        if not VERSION_RE.match(previous or ""):
+            raise RolloutFailed(f"{failure}; not rolled back: the version served before is unknown")
+        try:
+            admin.load(service, previous, min(max(timeout, 1), 60))
+            self.wait_serving(deployment, previous, timeout)
+        except CbecctlError as undo_failure:
+            raise RolloutFailed(
+                f"{failure}; rolling back to model {previous} failed too: {undo_failure}"
+            ) from None
+        raise RolloutFailed(
+            f"{failure}; rolled back to model {previous} through the admin API"
+            f" (it stays pinned; `cbecctl rollout-model {service} newest` un-pins)"
+        )
 
-        def with_version(containers: Iterable[client.V1Container] | None) -> list[dict[str, Any]] | None:
-            if not containers:
-                return None
-            out = []
-            for c in containers:
-                raw = self.api.sanitize_for_serialization(c)
-                for item in raw.get("env", []):
-                    if item["name"] == MODEL_ENV:
-                        item["value"] = pinned
-                out.append(raw)
-            return out
-
-        template: dict[str, Any] = {
-            "metadata": {"labels": {MODEL_LABEL: version}},
-            "spec": {"containers": with_version(spec.containers)},
+    def serving_versions(self, deployment: client.V1Deployment) -> dict[str, str]:
+        """Ready pod -> the model version it reports serving ('?' unreadable, 'none' no model)."""
+        return {
+            pod.metadata.name: self.pod_model_version(pod)
+            for pod in sorted(self.pods(deployment), key=lambda p: p.metadata.name)
+            if is_ready(pod)
         }
-        init = with_version(spec.init_containers)
-        if init is not None:
-            template["spec"]["initContainers"] = init
-        annotations = deployment.spec.template.metadata.annotations or {}
-        if MODEL_PATH in annotations:
-            base = annotations[MODEL_PATH].rsplit("/", 1)[0]
-            template["metadata"]["annotations"] = {MODEL_PATH: f"{base}/{version}"}
-        return {"metadata": {"labels": {MODEL_LABEL: version}}, "spec": {"template": template}}
+
+    def wait_serving(
+        self,
+        deployment: client.V1Deployment,
+        version: str,
+        timeout: float,
+        deadline: float | None = None,
+        newer_ok: bool = False,
+    ) -> dict[str, int]:
+        """Wait until there are ready pods and every one reports serving ``version`` (or, ``newer_ok``, a
+        later one) for at most ``timeout`` seconds, or until ``deadline`` on the monotonic clock; returns
+        the versions served with their pod counts."""
+        service = self.service_of(deployment)
+        deadline = time.monotonic() + timeout if deadline is None else deadline
+
+        def good(v: str) -> bool:
+            return v == version or (newer_ok and VERSION_RE.match(v) is not None and v > version)
+
+        while True:
+            serving = self.serving_versions(deployment)
+            if serving and all(good(v) for v in serving.values()):
+                counts: dict[str, int] = {}
+                for v in serving.values():
+                    counts[v] = counts.get(v, 0) + 1
+                return dict(sorted(counts.items()))
+            if time.monotonic() >= deadline:
+                words = {"?": "metrics unreadable", "none": "no model loaded"}
+                behind = [f"{pod} {words.get(v, 'serves ' + v)}" for pod, v in serving.items() if not good(v)]
+                raise RolloutFailed(
+                    f"{service}: not every ready pod serves model {version} after {timeout:g}s ("
+                    + (", ".join(behind) if serving else "no ready pods")
+                    + ")"
+                )
+            self.sleep(self.poll_interval)
 
     def wait_rollout(self, service: str, patched: client.V1Deployment, timeout: float) -> None:
         """Wait until the deployment's new pods are all updated and available (``kubectl rollout status``).
