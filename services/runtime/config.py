@@ -42,6 +42,13 @@ class RuntimeSettings(BaseSettings):
     max_concurrent_calls: int = Field(256, ge=1, le=100_000)
     grace_period_s: float = Field(20.0, ge=0, le=600)
     keepalive_time_s: float = Field(30.0, gt=0)
+    max_connection_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Close client connections after this long (gracefully), so clients re-resolve and "
+        "spread over replicas added since they connected.",
+    )
     models_dir: Path = Path("models")
     model_version: str = Field("", description="Pin a model version; empty loads the newest valid one.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -29,6 +29,7 @@ from .admin import ModelAdminServicer
 from .batching import BatcherConfig, MicroBatcher
 from .config import ConfigError, RuntimeSettings, load_settings
 from .device import Device, DeviceError, select_device
+from .errors import ServiceError
 from .interceptor import RuntimeInterceptor
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
@@ -180,6 +181,10 @@ class Server:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # Clients keep HTTP/2 connections for ever and resolve a headless Service's pods only when
+            # one drops: ageing connections out lets new replicas from a scale-out receive calls.
+            ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000) + 5_000),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
@@ -283,7 +288,17 @@ class Server:
 
     async def admin_switch(self, version: str | None) -> Loaded[Any] | None:
         """``LoadModelVersion``: switch here, then (shared backend) record the choice so every replica,
-        and every replica started later, serves it. An empty version un-pins: newest valid."""
+        and every replica started later, serves it. An empty version un-pins: newest valid.
+
+        A version pinned in the deployment (CBEC_MODEL_VERSION, the chart's ``modelVersion``) wins over
+        the shared choice on every replica, so with the shared backend the call is refused instead of
+        switching only the replica that took it."""
+        if self.pins is not None and self.settings.model_version:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.settings.service} is pinned to {self.settings.model_version} by CBEC_MODEL_VERSION "
+                "(the chart's modelVersion): change that value to roll out another version",
+            )
         loaded = await self.switch_model(version)
         if self.pins is not None:
             await asyncio.to_thread(self.pins.set, version or "")

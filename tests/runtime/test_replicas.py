@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from cbec.common.v1 import common_pb2, common_pb2_grpc
 
 from services.runtime.server import Server
@@ -77,5 +78,25 @@ async def test_new_versions_are_picked_up_unless_pinned(tmp_path: Path, pg_url: 
         write_version(models, 4.0)
         await asyncio.sleep(0.5)
         assert server.service.slot.current.manifest.version == first
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_deployment_pin_refuses_a_shared_roll_out(tmp_path: Path, pg_url: str) -> None:
+    """CBEC_MODEL_VERSION wins on every replica, so switching one replica through the admin API would
+    leave the service split: the call is refused, naming the setting."""
+    models = tmp_path / "models"
+    old = write_version(models, 1.0)
+    new = write_version(models, 2.0)
+    server = Server(make_settings(**shared(models, pg_url, model_version=old)), EchoService)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            admin = common_pb2_grpc.ModelAdminServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version=new), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "CBEC_MODEL_VERSION" in (info.value.details() or "")
+        assert server.service.slot.current.manifest.version == old
     finally:
         await server.stop(grace=0)
