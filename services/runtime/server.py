@@ -39,6 +39,7 @@ from .state import (
     PostgresDatabase,
     StateConfig,
     StateConfigError,
+    StoreUnavailable,
     open_database,
     redis_client,
 )
@@ -162,6 +163,9 @@ class Server:
         self._background: list[asyncio.Task[None]] = []
         self._started_service = False
         self.pins: ModelPins | None = None
+        self._followers: set[asyncio.Task[None]] = set()
+        self._follow_lock = asyncio.Lock()
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._health_names = ("", *self.service.service_names)
 
@@ -223,7 +227,7 @@ class Server:
                 "device": str(self.device),
             },
         )
-        if s.state_backend == "shared" and self.service.slot is not None:
+        if s.state_backend == "shared" and s.database_url and self.service.slot is not None:
             self.pins = ModelPins(self.runtime.state, s.service)
             self.pins.listen(self._on_pin_changed)
         await self.load_model()
@@ -301,7 +305,13 @@ class Server:
             )
         loaded = await self.switch_model(version)
         if self.pins is not None:
-            await asyncio.to_thread(self.pins.set, version or "")
+            try:
+                await asyncio.to_thread(self.pins.set, version or "")
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(
+                    "runtime",
+                    f"switched on this replica only, the choice could not be shared ({exc.message}); retry",
+                ) from exc
         return loaded
 
     async def pinned_version(self) -> str | None:
@@ -323,11 +333,19 @@ class Server:
             return
 
         def follow() -> None:
-            self._background.append(loop.create_task(self._follow_pin()))
+            if not self._started_service or self._stopping:  # starting (start() loads it) or draining
+                return
+            task = loop.create_task(self._follow_pin())
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
 
         loop.call_soon_threadsafe(follow)
 
     async def _follow_pin(self) -> None:
+        async with self._follow_lock:  # one at a time, each reading the newest choice
+            await self._follow_pin_now()
+
+    async def _follow_pin_now(self) -> None:
         version = await self.pinned_version()
         current = self.service.slot.current if self.service.slot is not None else None
         if version is None:
@@ -368,8 +386,9 @@ class Server:
             return
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace, "in_flight": self.interceptor.in_flight})
+        self._stopping = True
         await self._set_health(NOT_SERVING)
-        for task in self._background:
+        for task in [*self._background, *self._followers]:
             task.cancel()
         await self._server.stop(grace)
         for batcher in self.runtime.batchers:
@@ -420,7 +439,7 @@ class ModelPins:
 
     def _ready(self) -> None:
         if not self._migrated:
-            self.db.migrate("runtime", self.MIGRATIONS)
+            self.db.migrate("runtime", self.MIGRATIONS, wait_s=0)  # callers fall back at once
             self._migrated = True
 
     def get(self) -> str:

@@ -221,7 +221,7 @@ class Database:
         applied = 0
         with self.transaction() as tx:
             tx.lock("schema_migrations")
-            tx.execute(_MIGRATIONS_DDL)
+            tx.execute(ddl_for(self.dialect, _MIGRATIONS_DDL))
         for version, step in enumerate(steps, start=1):
             with self.transaction() as tx:
                 tx.lock("schema_migrations")
@@ -256,7 +256,7 @@ class Database:
         (a reconnect): the listener should catch up from its own position."""
         with self._listen_lock:
             self._listeners.setdefault(channel, []).append(callback)
-        self._start_listening(channel)
+            self._start_listening(channel)
 
     def check(self) -> None:
         """Raise StoreUnavailable unless a trivial query answers."""
@@ -327,9 +327,13 @@ class SqliteDatabase(Database):
                 yield tx
                 tx.cursor.close()  # an open statement would keep the WAL from being checkpointed
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 tx.cursor.close()
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT has rolled back already
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _sqlite_unavailable(exc):
+                    raise StoreUnavailable(self.name, str(exc)) from exc
                 raise
             finally:
                 self._depth = 0
@@ -354,6 +358,12 @@ class SqliteDatabase(Database):
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+
+
+def _sqlite_unavailable(exc: sqlite3.OperationalError) -> bool:
+    """Errors of the file, not of the statement: busy/locked, disk full, I/O (not "no such table")."""
+    text = str(exc).lower()
+    return any(word in text for word in ("locked", "busy", "disk", "i/o", "full"))
 
 
 def _pg_errors() -> tuple[type[BaseException], ...]:
@@ -388,6 +398,13 @@ class PostgresDatabase(Database):
             "connect_timeout": max(1, round(timeout_s)),
             "application_name": application_name,
             "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+            # A peer that vanished without a reset (node loss, failover) must fail calls within seconds,
+            # not after the kernel's ~15 minutes: TCP keepalives and a user timeout on every connection.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(max(timeout_s, 1.0) * 5000),
         }
         if password:
             self._kwargs["password"] = password
@@ -447,9 +464,13 @@ class PostgresDatabase(Database):
                     conn.execute(f"LISTEN {psycopg.sql.Identifier(channel).as_string(conn)}")
                     backoff = 0.2
                     self._dispatch(channel, None)  # (re)connected: catch up on anything missed
+                    last_ping = time.monotonic()
                     while not self._closed.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self._dispatch(channel, note.payload)
+                        if time.monotonic() - last_ping > 5.0:  # a dead connection raises: reconnect
+                            conn.execute("SELECT 1")
+                            last_ping = time.monotonic()
             except Exception as exc:  # reconnect on any failure; the listener must not die
                 if self._closed.is_set():
                     return
