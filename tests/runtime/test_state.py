@@ -114,15 +114,15 @@ def test_types_round_trip_and_transactions_roll_back(db: Database) -> None:
 def test_notifications_arrive_after_commit_only(db: Database) -> None:
     db.migrate("t", MIGRATIONS)
     got: list[str | None] = []
-    arrived = threading.Event()
+    arrived, listening = threading.Event(), threading.Event()
 
     def on_change(payload: str | None) -> None:
         got.append(payload)
-        if payload is not None:
-            arrived.set()
+        (listening if payload is None else arrived).set()
 
     db.listen("t_changes", on_change)
-    time.sleep(0.5 if db.dialect == "postgres" else 0)  # the LISTEN connection comes up
+    if db.dialect == "postgres":
+        assert listening.wait(10)  # LISTEN is in place (a NOTIFY before it would reach nobody)
     with pytest.raises(RuntimeError), db.transaction() as tx:
         tx.notify("t_changes", "rolled-back")
         raise RuntimeError

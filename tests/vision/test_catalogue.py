@@ -40,14 +40,18 @@ def product(pid: str, seed: int, dim: int = 8) -> NewProduct:
 
 def test_change_log_order_and_notifications(catalogue: Catalogue) -> None:
     heard: list[str | None] = []
-    got = threading.Event()
+    got, listening = threading.Event(), threading.Event()
 
     def listener(payload: str | None) -> None:
         heard.append(payload)
-        if payload is not None:
+        if payload is None:  # connected (PostgreSQL: LISTEN is in place) or the embedded backend
+            listening.set()
+        else:
             got.set()
 
     catalogue.db.listen(CHANNEL, listener)
+    if catalogue.db.dialect == "postgres":
+        assert listening.wait(10)  # a NOTIFY sent before LISTEN reaches nobody (the catch-up covers it)
     rows = catalogue.upsert([product("a", 1), product("b", 2)], V1)
     assert got.wait(10)
     assert str(catalogue.head()) in heard  # the payload is the head after the commit
