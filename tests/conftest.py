@@ -1,4 +1,4 @@
 """Fixtures for every test directory: real PostgreSQL and Redis servers (tests/stores.py), started once
 per session on first use."""
 
-from tests.stores import pg_url, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
+from tests.stores import pg_url, postgres, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)

@@ -667,3 +667,14 @@ def redis_db(redis_server: RedisServer) -> str:
     """The session Redis, database 0 flushed before this test: its URL, password in ``REDIS_PASSWORD``."""
     redis_server.flushdb()
     return redis_server.url
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL for a test that stops or kills it: running again afterwards, whatever
+    the test did (a private server would cost seconds to start)."""
+    try:
+        yield postgres_server
+    finally:
+        if not postgres_server.running:
+            postgres_server.start()

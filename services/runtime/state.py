@@ -11,8 +11,8 @@ Two backends, chosen by ``CBEC_STATE_BACKEND``:
 Domain repositories write SQL once, in the common subset of both (``?`` placeholders, ``ON CONFLICT``,
 ``RETURNING``); DDL is written in SQLite's words and widened for PostgreSQL (INTEGER -> BIGINT,
 REAL -> DOUBLE PRECISION, BLOB -> BYTEA; types in upper case, names in lower case). Migrations are
-numbered per component and applied at start-up
-under a lock, so replicas starting together apply each one exactly once.
+numbered per component and applied at start-up under a lock, so replicas starting together apply each
+one exactly once.
 
 Every driver error that means "the store is not reachable now" becomes ``StoreUnavailable``
 (UNAVAILABLE with RetryInfo to the client, never INTERNAL). Hot shared state (sessions with a TTL,
@@ -21,6 +21,7 @@ velocity windows, rate limits) lives in Redis: ``redis_client`` opens it with th
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import re
@@ -161,7 +162,7 @@ class Tx:
 Listener = Callable[[str | None], None]
 
 
-class Database:
+class Database(abc.ABC):
     """A store's connection(s). Subclasses: ``SqliteDatabase`` and ``PostgresDatabase``."""
 
     dialect: Dialect
@@ -173,10 +174,9 @@ class Database:
         self._listen_lock = threading.Lock()
 
     # public API ------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:  # pragma: no cover - abstract
-        raise NotImplementedError
-        yield
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[Tx]:
+        """One unit of work: committed when the block ends, rolled back when it raises."""
 
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """A read-only unit (the same as a transaction; PostgreSQL reads see committed data)."""
@@ -262,8 +262,8 @@ class Database:
         """Raise StoreUnavailable unless a trivial query answers."""
         self.scalar("SELECT 1")
 
-    def close(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     # internals -------------------------------------------------------------------------------------------
     def _start_listening(self, channel: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,16 +43,6 @@ def shared(pg_url: str, redis_db: str) -> dict[str, Any]:
     return dict(
         **shared_fields(pg_url, redis_db),
     )
-
-
-@pytest.fixture
-def postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's PostgreSQL for a test that kills it: running again afterwards, whatever happened."""
-    try:
-        yield postgres_server
-    finally:
-        if not postgres_server.running:
-            postgres_server.start()
 
 
 @asynccontextmanager

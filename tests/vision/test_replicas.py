@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -40,17 +40,6 @@ def shared(pg_url: str, redis_db: str) -> dict[str, Any]:
         vision_sync_check_s=3600,
         **shared_fields(pg_url, redis_db),
     )
-
-
-@pytest.fixture
-def postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """The session's PostgreSQL for a test that stops or kills it: running again afterwards, whatever
-    the test did."""
-    try:
-        yield postgres_server
-    finally:
-        if not postgres_server.running:
-            postgres_server.start()
 
 
 @asynccontextmanager
