@@ -6,12 +6,11 @@ in the state dir) unless a test asks for the shared backend (``seed_shared``).""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -27,7 +26,7 @@ from services.chat.train import build_intent_model, write_version
 from services.runtime.server import Server
 from services.runtime.state import StateConfig
 from tests import stores
-from tests.support import local_settings
+from tests.support import local_settings, serving
 
 # Real PostgreSQL and Redis for the shared-backend tests (started on first use).
 postgres_server = stores.postgres_server
@@ -105,15 +104,10 @@ def chat_settings(prepared: Prepared, state_dir: Path, **overrides: Any) -> Chat
     return local_settings(ChatSettings, prepared.models_dir, **{**fields, **overrides})
 
 
-@asynccontextmanager
-async def running(settings: ChatSettings) -> AsyncIterator[tuple[Server, chat_pb2_grpc.ChatServiceStub]]:
-    server = Server(settings, ChatService)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            yield server, chat_pb2_grpc.ChatServiceStub(channel)
-    finally:
-        await server.stop(grace=1)
+def running(
+    settings: ChatSettings,
+) -> AbstractAsyncContextManager[tuple[Server, chat_pb2_grpc.ChatServiceStub]]:
+    return serving(settings, ChatService, chat_pb2_grpc.ChatServiceStub)
 
 
 async def converse(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from tests.risk.conftest import (
 )
 from tests.risk.synth import stream
 from tests.stores import PG_PASSWORD, REDIS_PASSWORD, PostgresServer, RedisServer
+from tests.support import serving
 
 WINDOW_SETS = [WINDOWS, (HOUR_MS, 10 * MINUTE_MS, DAY_MS)]
 
@@ -63,15 +64,10 @@ def sql(pg: str, query: str) -> list[tuple[Any, ...]]:
         return conn.execute(query).fetchall()  # type: ignore[arg-type]
 
 
-@asynccontextmanager
-async def running(settings: RiskSettings) -> AsyncIterator[tuple[Server, risk_pb2_grpc.RiskServiceStub]]:
-    srv = Server(settings, build)
-    await srv.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
-            yield srv, risk_pb2_grpc.RiskServiceStub(channel)
-    finally:
-        await srv.stop(grace=1)
+def running(
+    settings: RiskSettings,
+) -> AbstractAsyncContextManager[tuple[Server, risk_pb2_grpc.RiskServiceStub]]:
+    return serving(settings, build, risk_pb2_grpc.RiskServiceStub)
 
 
 async def score(stub: risk_pb2_grpc.RiskServiceStub, t: risk_pb2.Transaction) -> risk_pb2.RiskAssessment:

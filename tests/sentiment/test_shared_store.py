@@ -9,7 +9,8 @@ import contextlib
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from services.sentiment.store import HOUR_MS, ReviewStore
 from tests.sentiment.conftest import settings_for
 from tests.sentiment.test_process import start, wait_serving
 from tests.stores import PG_PASSWORD, PostgresServer, shared_fields, store_env
+from tests.support import serving
 
 # Clearly polar texts (their labels do not sit near a decision boundary), in two languages.
 TEXTS = [
@@ -50,15 +52,10 @@ def shared(models: Path, state: Path, pg_url: str, redis_url: str, **over: Any) 
     )
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Any) -> AsyncIterator[tuple[Server, sentiment_pb2_grpc.SentimentServiceStub]]:
-    server = Server(settings, SentimentService)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            yield server, sentiment_pb2_grpc.SentimentServiceStub(channel)
-    finally:
-        await server.stop(grace=1)
+def running(
+    settings: Any,
+) -> AbstractAsyncContextManager[tuple[Server, sentiment_pb2_grpc.SentimentServiceStub]]:
+    return serving(settings, SentimentService, sentiment_pb2_grpc.SentimentServiceStub)
 
 
 def make_review(i: int, now: datetime) -> pb.Review:
