@@ -30,6 +30,7 @@ from google.rpc import error_details_pb2
 
 from services.runtime.errors import InvalidArgument, ServiceError, Violation
 
+from .auth import bind_user
 from .backends import BackendPool
 from .config import GatewaySettings
 from .descriptors import RouteTable
@@ -140,6 +141,9 @@ class Aggregator:
         self._report = m["cbec.sentiment.v1.SentimentService/GetMarketReport"]
         self._search = m["cbec.vision.v1.VisionService/SearchByImage"]
         self._score = m["cbec.risk.v1.RiskService/ScoreTransaction"]
+        self._own = {
+            name: m[f"{GATEWAY_SERVICE}/{name}"] for name in ("GetHomeFeed", "GetProductPage", "AssessOrder")
+        }
 
     def handlers(self) -> dict[str, Callable[[Any, float | None], Awaitable[Any]]]:
         """In-process handlers by ``pkg.Service/Method`` for the HTTP bridge: (request, remaining_s)."""
@@ -172,6 +176,11 @@ class Aggregator:
     async def get_home_feed(
         self, request: gateway_pb2.GetHomeFeedRequest, remaining_s: float | None
     ) -> gateway_pb2.GetHomeFeedResponse:
+        # The user comes from the credentials (auth.bind_user): a feed is always somebody's.
+        if not (bind_user(self._own["GetHomeFeed"], request) or request.user_id):
+            raise InvalidArgument(
+                [Violation("user_id", "userId is required: these credentials are not bound to a user")]
+            )
         k = self._k(request.k, self.settings.feed_default_k)
         deadline = Deadline(remaining_s, self.settings)
         response = gateway_pb2.GetHomeFeedResponse()
@@ -220,6 +229,7 @@ class Aggregator:
     async def get_product_page(
         self, request: gateway_pb2.GetProductPageRequest, remaining_s: float | None
     ) -> gateway_pb2.GetProductPageResponse:
+        bind_user(self._own["GetProductPage"], request)
         if not request.product_id:
             raise InvalidArgument([Violation("product_id", "must not be empty")])
         k = self._k(request.k, 10)
@@ -280,6 +290,7 @@ class Aggregator:
     ) -> gateway_pb2.AssessOrderResponse:
         if not request.HasField("order"):
             raise InvalidArgument([Violation("order", "is required")])
+        bind_user(self._own["AssessOrder"], request)
         deadline = Deadline(remaining_s, self.settings)
         try:
             scored = await self._call(

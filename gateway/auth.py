@@ -17,8 +17,18 @@ Credentials (HTTP header or gRPC metadata):
 - Development only (``CBEC_ENV=dev``): the key in ``CBEC_DEV_API_KEY`` (default ``cbec-dev-key``) with
   every scope. Never accepted with ``CBEC_ENV=prod``.
 
-Scopes: a method needs its backend's name (``recommender``, ``sentiment``, ``vision``, ``risk``,
-``chat``), ``gateway`` for the aggregations, or ``admin`` for the model-admin API; ``*`` grants all.
+Identity: the end user of a request comes from the credentials, never from the body: a JWT's ``sub``,
+or the ``"user"`` a keys-file entry binds its key to. A request body's user id field (``user_id`` in
+recommender, chat, risk transactions and the aggregations) is filled with that user when empty and
+refused (PERMISSION_DENIED naming the field) when it names someone else, unless the credentials hold
+the ``act_as_user`` scope (a trusted service, e.g. the storefront's backend), in which case it names
+the user the call is for. The gateway passes the identity to the services as trusted metadata with
+the internal token (``services/runtime/access.py``).
+
+Scopes: a method needs the scope its proto declares (``option (cbec.common.v1.access)``: ``admin`` for
+model loads and data erasure), else its backend's name (``recommender``, ``sentiment``, ``vision``,
+``risk``, ``chat``), ``gateway`` for the aggregations, or ``admin`` for the model-admin API; ``*``
+grants all (``act_as_user`` included).
 Rate limits: a token bucket per principal (its own rate from the keys file, else the defaults); past
 it, RESOURCE_EXHAUSTED with ``RetryInfo`` (HTTP 429 with ``Retry-After``). Embedded (one gateway) the
 buckets are in memory; with ``CBEC_STATE_BACKEND=shared`` they live in Redis, so the limit holds across
@@ -43,8 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from services.runtime.access import read_token
+from services.runtime.errors import Violation
 
 from .config import GatewaySettings, parse_keys_document, read_keys_file
+from .descriptors import MethodInfo
 from .errors import GatewayError
 from .metrics import GatewayMetrics
 
@@ -55,6 +71,10 @@ principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar
 
 # gRPC services that answer without credentials: probes must work without a key.
 PUBLIC_GRPC_SERVICES = frozenset({"grpc.health.v1.Health"})
+#: Lets a (service) principal name in the request body the user a call is for.
+ACT_AS_USER = "act_as_user"
+#: Request fields that name the end user a call is for.
+USER_FIELD = "user_id"
 
 
 @dataclass(frozen=True)
@@ -64,9 +84,37 @@ class Principal:
     rate_per_s: float
     burst: float
     kind: str  # api_key | jwt | dev
+    #: The end user these credentials are for (JWT ``sub``, a keys-file entry's ``user``); "" if none.
+    user: str = ""
 
     def allows(self, scope: str | None) -> bool:
         return scope is None or "*" in self.scopes or scope in self.scopes
+
+    @property
+    def acts_for_users(self) -> bool:
+        return self.allows(ACT_AS_USER)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request is from and for, as the backends are told (``backends.call_metadata``)."""
+
+    principal: Principal
+    user: str
+    token: str | None  # the internal token the services require
+
+
+identity_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("identity", default=None)
+
+
+def current_identity() -> Identity | None:
+    """The identity of the request being served; None before it is authenticated. (The bridge resets
+    ``principal_var`` per request, and connections are kept alive across requests, so an identity
+    from an earlier request on the same connection is ignored.)"""
+    identity = identity_var.get()
+    if identity is None or identity.principal is not principal_var.get():
+        return None
+    return identity
 
 
 def hash_key(key: str) -> str:
@@ -125,6 +173,7 @@ class KeyStore:
                 rate_per_s=float(entry.get("rate_per_s", self.settings.rate_limit_per_s)),
                 burst=float(entry.get("burst", self.settings.rate_limit_burst)),
                 kind="api_key",
+                user=str(entry.get("user") or "").strip(),
             )
         return by_hash
 
@@ -192,6 +241,7 @@ class JwtVerifier:
             rate_per_s=s.rate_limit_per_s,
             burst=s.rate_limit_burst,
             kind="jwt",
+            user=str(claims["sub"]),
         )
         self._cache[token] = (principal, float(claims["exp"]))
         if len(self._cache) > 10_000:
@@ -371,6 +421,9 @@ class Authenticator:
         self.settings = settings
         self.metrics = metrics
         self.keys = KeyStore(settings)
+        self.internal_token = (
+            read_token(settings.internal_token_file) if settings.internal_token_file is not None else None
+        )
         self.jwt = (
             JwtVerifier(settings)
             if settings.jwt_secret_file is not None or settings.jwt_public_key_file is not None
@@ -458,7 +511,95 @@ class Authenticator:
         self.authorize(principal, scope)
         await self.limit(principal)
         principal_var.set(principal)
+        identity_var.set(Identity(principal, principal.user, self.internal_token))
         return principal
+
+
+# --- the user a request is for ------------------------------------------------------------------------
+_user_fields: dict[str, tuple[tuple[FieldDescriptor, ...], ...]] = {}
+
+
+def user_fields(info: MethodInfo) -> tuple[tuple[FieldDescriptor, ...], ...]:
+    """Every ``user_id`` string field of the method's request, as chains of fields from the top
+    (``transaction.user_id``, ``interactions[].user_id``); computed once per method."""
+    found = _user_fields.get(info.key)
+    if found is None:
+        found = _user_fields[info.key] = tuple(_walk(info.method.input_type, (), 0))
+    return found
+
+
+def _walk(message: Descriptor, chain: tuple[FieldDescriptor, ...], depth: int) -> Any:
+    for f in message.fields:
+        if f.name == USER_FIELD and f.type == FieldDescriptor.TYPE_STRING and not f.is_repeated:
+            yield (*chain, f)
+        elif (
+            f.type == FieldDescriptor.TYPE_MESSAGE
+            and depth < 3
+            and not f.message_type.GetOptions().map_entry
+            and not f.message_type.full_name.startswith("google.")
+        ):
+            yield from _walk(f.message_type, (*chain, f), depth + 1)
+
+
+def _holders(message: Message, chain: tuple[FieldDescriptor, ...], path: str) -> Any:
+    """(message holding the last field, its path) for every place ``chain`` reaches in ``message``."""
+    head, rest = chain[0], chain[1:]
+    if not rest:
+        yield message, f"{path}{head.name}"
+        return
+    if head.is_repeated:
+        for i, child in enumerate(getattr(message, head.name)):
+            yield from _holders(child, rest, f"{path}{head.name}[{i}].")
+    elif message.HasField(head.name):
+        yield from _holders(getattr(message, head.name), rest, f"{path}{head.name}.")
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 64 else value[:64] + "...")
+
+
+def bind_user(info: MethodInfo, message: Message) -> str:
+    """Check and fill the request's user id fields from the credentials; returns the user the call is
+    for (also what the backends are told). Raises PERMISSION_DENIED naming the field when the body
+    names another user and the credentials may not act for users.
+
+    Methods that declare an access scope (``admin``: e.g. ``ForgetUser``) are exempt: there the field
+    names whom the operation is about, not who asks."""
+    identity = current_identity()
+    if identity is None:
+        return ""
+    principal = identity.principal
+    own = principal.user
+    users: set[str] = set()
+    if not info.access_scope:
+        for chain in user_fields(info):
+            for holder, path in _holders(message, chain, ""):
+                name = chain[-1].name
+                value = getattr(holder, name)
+                if not value:
+                    if own:
+                        setattr(holder, name, own)
+                        users.add(own)
+                    continue
+                if value != own and not principal.acts_for_users:
+                    why = (
+                        f"names user {_shown(value)}, but these credentials are for user {_shown(own)}"
+                        if own
+                        else f"names user {_shown(value)}, but these credentials are not bound to a user "
+                        f"and lack the {ACT_AS_USER!r} scope"
+                    )
+                    raise GatewayError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"{path} (userId) {why}: leave it empty or send the caller's own user",
+                        violations=(Violation(path, why),),
+                        reason="USER_NOT_ALLOWED",
+                        metadata={"field": path},
+                    )
+                users.add(value)
+    user = next(iter(users)) if len(users) == 1 else own
+    if user != identity.user:
+        identity_var.set(dataclasses.replace(identity, user=user))
+    return user
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

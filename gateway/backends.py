@@ -1,10 +1,20 @@
 """One gRPC channel per backend, with retries, a circuit breaker, deadlines and request ids.
 
 Retries are gRPC's own: each channel carries a service config whose ``retryPolicy`` names only the
-idempotent methods of that backend (see ``descriptors.MethodInfo.idempotent``) and retries only
-UNAVAILABLE, with exponential backoff inside the caller's deadline; ``retryThrottling`` is the retry
-budget (once more than half the tokens are gone, gRPC stops retrying until successes refill them).
-The breaker sits on top and counts the final outcome of each call.
+idempotent methods of that backend (see ``descriptors.MethodInfo.idempotent``) and retries
+UNAVAILABLE and RESOURCE_EXHAUSTED (a shed call was never computed, and round robin may send the retry
+to another replica), with exponential backoff inside the caller's deadline; ``retryThrottling`` is the
+retry budget (once more than half the tokens are gone, gRPC stops retrying until successes refill
+them), so shed calls are retried only within it.
+
+The breaker sits on top and sees only the backend's health (``Backend.outcome``, rules in
+``breaker``): client errors, calls the caller cancelled, deadlines the caller chose and per-request
+size limits never count; load shedding counts against this backend only; INTERNAL-like failures count
+only when several principals see them. Refusals by the gateway itself (rate limits, fair share, a
+deadline too short to use) never reach the backend or its breaker.
+
+Fair share (``fairness``): each call holds a slot of its backend for the principal it is made for,
+from before the breaker check until it ends (a stream until its call is done, however it ends).
 
 Channels reconnect on their own with a backoff capped by ``CBEC_RECONNECT_MAX_BACKOFF_S`` (gRPC's
 default grows to two minutes), so a restarted backend is used again within seconds.
@@ -25,14 +35,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.runtime.errors import REQUEST_ID_KEY
 from services.runtime.logs import request_id_var
 
+from .auth import principal_var
 from .breaker import STATE_VALUE, CircuitBreaker, CircuitOpen
 from .config import GatewaySettings
 from .descriptors import MethodInfo, RouteTable
-from .errors import BACKEND_FAILURES, BackendError
+from .errors import (
+    APPLICATION_FAILURES,
+    CLIENT_ERRORS,
+    BackendError,
+    GatewayError,
+    is_load_shedding,
+)
+from .fairness import FairShare, FairShareExceeded, Slot
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("cbec.gateway.backends")
 CALLER_KEY = "x-cbec-caller"
+#: How a call's end counts for the breaker (``Backend.outcome``).
+OUTCOMES = SUCCESS, NEUTRAL, TRANSPORT_FAILURE, APPLICATION_FAILURE = (
+    "success",
+    "neutral",
+    "transport_failure",
+    "application_failure",
+)
+#: Seconds a call refused for its fair share is told to wait (a slot frees when any call of the key ends).
+FAIR_SHARE_RETRY_S = 1.0
 
 
 def retry_service_config(settings: GatewaySettings, methods: Sequence[MethodInfo]) -> dict[str, Any]:
@@ -52,7 +79,7 @@ def retry_service_config(settings: GatewaySettings, methods: Sequence[MethodInfo
                     "initialBackoff": f"{settings.retry_initial_backoff_s}s",
                     "maxBackoff": f"{settings.retry_max_backoff_s}s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
                 },
             }
         ]
@@ -64,23 +91,24 @@ def retry_service_config(settings: GatewaySettings, methods: Sequence[MethodInfo
 
 
 def channel_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
-    if settings.backend_tls_ca_file is None:
-        return None
-    key = settings.backend_tls_key_file.read_bytes() if settings.backend_tls_key_file else None
-    cert = settings.backend_tls_cert_file.read_bytes() if settings.backend_tls_cert_file else None
-    return grpc.ssl_channel_credentials(
-        root_certificates=settings.backend_tls_ca_file.read_bytes(), private_key=key, certificate_chain=cert
-    )
+    """CBEC_BACKEND_TLS_*: the runtime's, shared with chat's channel to sentiment."""
+    from services.runtime.access import channel_credentials as runtime_credentials
+
+    return runtime_credentials(settings)
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
-    """What every backend call carries: the request id, and who the gateway is calling for."""
-    from .auth import principal_var
+    """What every backend call carries: the request id, and who the gateway is calling for: the
+    internal token with the verified identity (``services/runtime/access.py``), once authenticated."""
+    from services.runtime.access import identity_metadata
 
-    principal = principal_var.get()
+    from .auth import current_identity
+
+    identity = current_identity()
     md: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, request_id_var.get()),)
-    if principal is not None:
-        md += ((CALLER_KEY, principal.id),)
+    if identity is not None:
+        p = identity.principal
+        md += ((CALLER_KEY, p.id), *identity_metadata(identity.token, identity.user, p.id, p.scopes))
     return md
 
 
@@ -104,13 +132,24 @@ class Backend:
             settings.breaker_failure_threshold,
             settings.breaker_open_s,
             on_change=self._breaker_changed,
+            min_principals=settings.breaker_min_principals,
         )
         metrics.breaker_state.labels(name).set(0)
+        self.fair = FairShare(
+            name, settings.backend_max_in_flight, settings.backend_min_share, on_change=self._fair_changed
+        )
+        self._in_flight = metrics.backend_in_flight.labels(name)
+        self._principals = metrics.backend_principals.labels(name)
+        self._outcomes = {o: metrics.breaker_outcomes.labels(name, o) for o in OUTCOMES}
         self.channel: grpc.aio.Channel | None = None
         self._callables: dict[tuple[str, str], Any] = {}
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._seconds = metrics.backend_seconds.labels(name)
         self._health: tuple[float, str] = (0.0, "UNKNOWN")
+
+    def _fair_changed(self, fair: FairShare) -> None:
+        self._in_flight.set(fair.in_flight)
+        self._principals.set(fair.active)
 
     def _breaker_changed(self, name: str, state: str) -> None:
         self.metrics.breaker_state.labels(name).set(STATE_VALUE[state])
@@ -184,48 +223,142 @@ class Backend:
                 retry_after_s=exc.retry_after_s,
             ) from None
 
+    def _check_time(self, timeout: float) -> None:
+        """A deadline too short to make a call fails here, DEADLINE_EXCEEDED: no backend call, no breaker."""
+        least = self.settings.min_backend_timeout_ms / 1000
+        if timeout <= 0 or timeout < least:
+            self.metrics.deadline_refused.labels(self.name).inc()
+            raise BackendError.make(
+                self.name,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no time left to call the {self.name} backend: the deadline leaves "
+                f"{max(timeout, 0) * 1000:.3g} ms, a call needs at least {least * 1000:g} ms",
+            )
+
+    def _take_slot(self) -> Slot:
+        """This call's place in the backend's fair share; RESOURCE_EXHAUSTED (429) when over it."""
+        principal = principal_var.get()
+        who = principal.id if principal is not None else ""
+        try:
+            return self.fair.acquire(who)
+        except FairShareExceeded as exc:
+            label = "jwt" if principal is not None and principal.kind == "jwt" else who or "anonymous"
+            self.metrics.fair_share_rejected.labels(self.name, label).inc()
+            raise GatewayError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many calls in flight to the {self.name} backend for these credentials "
+                f"({exc.held}, the fair share while it is busy is {exc.share}); retry shortly",
+                retry_after_s=FAIR_SHARE_RETRY_S,
+                reason="FAIR_SHARE_EXCEEDED",
+                metadata={"backend": self.name, "share": str(exc.share)},
+            ) from None
+
+    def outcome(
+        self,
+        info: MethodInfo,
+        code: grpc.StatusCode,
+        status: Any | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """How a call's end counts for the breaker (see ``breaker``): SUCCESS, NEUTRAL or a failure.
+
+        DEADLINE_EXCEEDED is a failure only for a unary call whose deadline was at least the gateway's
+        own timeout for this backend (``CBEC_BACKEND_TIMEOUT_S``/``CBEC_BACKEND_TIMEOUTS``): a shorter
+        one is the caller's choice, and a stream's length is up to its client. (So with
+        ``CBEC_DEFAULT_DEADLINE_S`` below a backend's timeout, calls without a caller deadline that
+        run out are neutral too.) RESOURCE_EXHAUSTED is a failure only when it is load shedding
+        (``errors.is_load_shedding``; a bare code is not).
+        """
+        if code is grpc.StatusCode.OK or code in CLIENT_ERRORS:
+            return SUCCESS
+        if code in APPLICATION_FAILURES:
+            return APPLICATION_FAILURE
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return TRANSPORT_FAILURE
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            own = self.settings.backend_timeout(self.name)
+            gateways = info.kind == "unary" and timeout is not None and timeout >= own
+            return TRANSPORT_FAILURE if gateways else NEUTRAL
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return TRANSPORT_FAILURE if is_load_shedding(status) else NEUTRAL
+        if code is grpc.StatusCode.CANCELLED:
+            return NEUTRAL
+        return SUCCESS  # any other code: the backend answered
+
     def record(
-        self, info: MethodInfo, code: grpc.StatusCode, trial: bool, started: float | None = None
+        self,
+        info: MethodInfo,
+        result: grpc.StatusCode | BackendError,
+        trial: bool,
+        started: float | None = None,
+        timeout: float | None = None,
     ) -> None:
+        """Count a call's end (a code, or the ``BackendError`` with its details) for metrics and breaker.
+
+        Failures are attributed to the principal the call was made for (``auth.principal_var``)."""
+        code, status = (result.code, result.status) if isinstance(result, BackendError) else (result, None)
         self._count(info, code)
         if started is not None:
             self._seconds.observe(time.perf_counter() - started)
-        if code in BACKEND_FAILURES:
-            self.breaker.on_failure(trial)
-        elif code is grpc.StatusCode.CANCELLED:
-            self.breaker.on_neutral(trial)
-        else:  # OK or a client error: the backend answered
+        outcome = self.outcome(info, code, status, timeout)
+        self._outcomes[outcome].inc()
+        if outcome == SUCCESS:
             self.breaker.on_success(trial)
+        elif outcome == NEUTRAL:
+            self.breaker.on_neutral(trial)
+        else:
+            principal = principal_var.get()
+            self.breaker.on_failure(
+                trial,
+                principal=principal.id if principal is not None else "",
+                application=outcome == APPLICATION_FAILURE,
+            )
 
     async def unary(self, info: MethodInfo, request: Any, timeout: float) -> Any:
-        """One unary call with the breaker, the deadline and the request id; raises ``BackendError``."""
-        if timeout <= 0:
-            raise BackendError.make(
-                self.name, grpc.StatusCode.DEADLINE_EXCEEDED, f"no time left to call the {self.name} backend"
-            )
-        trial = self.admit()
-        started = time.perf_counter()
+        """One unary call with the fair share, the breaker, the deadline and the request id; raises
+        ``BackendError`` (or ``GatewayError`` FAIR_SHARE_EXCEEDED)."""
+        self._check_time(timeout)
+        slot = self._take_slot()
         try:
-            response = await self._callable(info)(request, timeout=timeout, metadata=call_metadata())
-        except grpc.RpcError as exc:
-            error = BackendError.from_rpc(self.name, exc)
-            self.record(info, error.code, trial, started)
-            raise error from None
-        except asyncio.CancelledError:
-            self.record(info, grpc.StatusCode.CANCELLED, trial)
-            raise
-        self.record(info, grpc.StatusCode.OK, trial, started)
-        return response
+            trial = self.admit()
+            started = time.perf_counter()
+            try:
+                response = await self._callable(info)(request, timeout=timeout, metadata=call_metadata())
+            except grpc.RpcError as exc:
+                error = BackendError.from_rpc(self.name, exc)
+                self.record(info, error, trial, started, timeout)
+                raise error from None
+            except asyncio.CancelledError:
+                self.record(info, grpc.StatusCode.CANCELLED, trial)
+                raise
+            except BaseException:  # not a call outcome (e.g. the request would not serialize)
+                self.breaker.on_neutral(trial)
+                raise
+            self.record(info, grpc.StatusCode.OK, trial, started, timeout)
+            return response
+        finally:
+            slot.release()
 
     def stream(self, info: MethodInfo, request: Any | None, timeout: float) -> tuple[Any, bool]:
         """Start a streaming call (request is None for client/bidi streams: use ``write``); the caller
-        records the outcome with ``record``. Returns (call, is_trial)."""
-        trial = self.admit()
-        fn = self._callable(info)
-        if info.client_streaming:
-            call = fn(timeout=timeout, metadata=call_metadata())
-        else:
-            call = fn(request, timeout=timeout, metadata=call_metadata())
+        records the outcome with ``record``. Returns (call, is_trial). The call holds a fair-share slot
+        until it is done, whatever ends it (its end, an error, a cancel, its deadline)."""
+        self._check_time(timeout)
+        slot = self._take_slot()
+        trial = False
+        try:
+            trial = self.admit()
+            fn = self._callable(info)
+            if info.client_streaming:
+                call = fn(timeout=timeout, metadata=call_metadata())
+            else:
+                call = fn(request, timeout=timeout, metadata=call_metadata())
+            call.add_done_callback(slot.release)
+        except BaseException:
+            if trial:
+                self.breaker.on_neutral(trial)
+            slot.release()
+            raise
         return call, trial
 
     # --- health -----------------------------------------------------------------------------------

@@ -17,6 +17,12 @@ model-admin API on the backend its ``{service}`` variable names.
 - ``X-Request-Id`` (taken from the request or made up) goes to every backend and comes back.
 - ``grpc-timeout`` (e.g. ``500m``) sets the call's deadline; otherwise ``CBEC_DEFAULT_DEADLINE_S``.
 - ``/healthz`` liveness, ``/readyz`` the backends' gRPC health, ``/openapi.json`` the API document.
+- Slow and oversized clients: a request head must arrive within ``CBEC_HTTP_HEADER_TIMEOUT_S`` of its
+  first byte, a unary body (or one NDJSON line) within ``CBEC_HTTP_BODY_TIMEOUT_S`` (else 408), and a
+  connection with no request for ``CBEC_HTTP_IDLE_TIMEOUT_S`` is closed. A header line over
+  ``CBEC_HTTP_MAX_HEADER_BYTES`` or more than ``CBEC_HTTP_MAX_HEADERS`` of them is a 431; an unknown
+  method a 501, a known one on the wrong path a 405 with ``Allow``; all as ``google.rpc.Status`` JSON.
+- A client that goes away is logged at INFO and counted as 499; its backend call is cancelled.
 """
 
 from __future__ import annotations
@@ -32,14 +38,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from google.protobuf.message import Message
 
-from services.runtime.errors import ServiceError
+from services.runtime.errors import InvalidArgument, ServiceError, Violation
 from services.runtime.logs import request_id_var
 
 from . import grpcfix
-from .auth import API_KEY_HEADER, Authenticator, principal_var
+from .auth import API_KEY_HEADER, Authenticator, bind_user, principal_var
 from .backends import Backend, BackendPool
 from .config import GatewaySettings
 from .descriptors import Route, RouteTable
@@ -93,7 +100,7 @@ class Bridge:
         self._openapi = dumps(openapi)
         self._cors = settings.cors_origin_list
         self._in_flight = 0
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.port = 0
         self._internal: dict[str, Callable[[], Awaitable[web.StreamResponse]]] = {
             "/healthz": self._healthz,
@@ -103,10 +110,25 @@ class Bridge:
         self._route_metrics: dict[str, tuple[Any, dict[int, Any]]] = {}
 
     # --- server lifecycle -------------------------------------------------------------------------
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_request_bytes)
-        app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch)  # newlines too
-        return app
+    def make_server(self) -> web.Server:
+        """aiohttp's low-level server with the bridge's connection handler (``_Connection``) and limits.
+
+        One handler serves every path, so the application router adds nothing; the low-level server is
+        what lets the bridge supply its own connection class (header timeout, JSON parse errors).
+        """
+        s = self.settings
+        return _Server(
+            self.dispatch,
+            bridge=self,
+            handler_cancellation=True,  # a client that goes away cancels its backend call too
+            header_timeout=s.http_header_timeout_s,
+            keepalive_timeout=s.http_idle_timeout_s,
+            max_line_size=s.http_max_header_bytes,
+            max_field_size=s.http_max_header_bytes,
+            max_headers=s.http_max_headers,
+            lingering_time=_LINGER_S,
+            access_log=None,
+        )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -121,7 +143,7 @@ class Bridge:
 
     async def start(self) -> int:
         s = self.settings
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=s.grace_period_s)
+        runner = web.ServerRunner(self.make_server(), shutdown_timeout=s.grace_period_s)
         await runner.setup()
         site = web.TCPSite(
             runner,
@@ -147,7 +169,7 @@ class Bridge:
             self._runner = None
 
     # --- dispatch ---------------------------------------------------------------------------------
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         supplied = request.headers.get("X-Request-Id", "")
         request_id = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
@@ -171,8 +193,17 @@ class Bridge:
                 label = route.label
                 response = await self._call(request, route, variables, headers)
         except asyncio.CancelledError:
-            self._observe(label, 499, started)
+            if request.transport is None or request.transport.is_closing():
+                _log_client_gone(label, request.method, started)
+            self._observe(label, _CLIENT_CLOSED, started)
             raise
+        except (ConnectionError, web.RequestPayloadError) as exc:
+            if not isinstance(exc, ConnectionError) and request.transport is not None:
+                response = self._error_response(_malformed_body(exc), request_id)
+            else:  # the client went away: nothing to answer, and not the server's failure
+                _log_client_gone(label, request.method, started)
+                self._observe(label, _CLIENT_CLOSED, started)
+                return web.Response(status=_CLIENT_CLOSED)
         except Exception as exc:
             response = self._error_response(exc, request_id)
         if not response.prepared:
@@ -203,7 +234,7 @@ class Bridge:
         counter.inc()
 
     async def _call(
-        self, request: web.Request, route: Route, variables: dict[str, str], headers: dict[str, str]
+        self, request: web.BaseRequest, route: Route, variables: dict[str, str], headers: dict[str, str]
     ) -> web.StreamResponse:
         info = route.method
         await self.auth.admit(
@@ -221,10 +252,16 @@ class Bridge:
             timeout = parse_timeout(request.headers.get("grpc-timeout"))
             if info.client_streaming:
                 return await self._client_stream(request, route, variables, headers, timeout)
-            limit = self.settings.max_request_bytes
-            raw = await read_body(request.content, request.content_length, limit) if route.body else b""
+            raw = b""
+            if route.body:
+                await _send_continue(request)
+                s = self.settings
+                raw = await read_body(
+                    request.content, request.content_length, s.max_request_bytes, s.http_body_timeout_s
+                )
             body = parse_json(raw) if raw.strip() else None
             message = build_request(route, variables, request.rel_url.query.items(), body)
+            bind_user(info, message)  # the user comes from the credentials, not the body
             if info.local:
                 handler = self.local.get(info.key)
                 if handler is None:
@@ -282,7 +319,7 @@ class Bridge:
 
     # --- streaming --------------------------------------------------------------------------------
     @staticmethod
-    def _wants_sse(request: web.Request) -> bool:
+    def _wants_sse(request: web.BaseRequest) -> bool:
         return "text/event-stream" in request.headers.get("Accept", "")
 
     @staticmethod
@@ -297,7 +334,7 @@ class Bridge:
 
     async def _stream_out(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: Route,
         backend: Backend,
         call: Any,
@@ -313,7 +350,7 @@ class Bridge:
             first = await call.read()
         except grpc.RpcError as exc:
             error = BackendError.from_rpc(backend.name, exc)
-            backend.record(info, grpc.StatusCode.CANCELLED if bad_input else error.code, trial, started)
+            backend.record(info, grpc.StatusCode.CANCELLED if bad_input else error, trial, started)
             raise (bad_input[0] if bad_input else error) from None
         except asyncio.CancelledError:
             backend.record(info, grpc.StatusCode.CANCELLED, trial)
@@ -324,7 +361,7 @@ class Bridge:
         response.content_type = "text/event-stream" if sse else "application/x-ndjson"
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | BackendError = grpc.StatusCode.OK  # a BackendError keeps its details
         try:
             await response.prepare(request)
             item = first
@@ -333,7 +370,7 @@ class Bridge:
                 item = await call.read()
         except grpc.RpcError as exc:
             error = BackendError.from_rpc(backend.name, exc)
-            code = error.code
+            code = error
             status = bad_input[0] if bad_input else error
             await response.write(self._encode_error(status_of(status), sse))
         except asyncio.CancelledError:
@@ -343,17 +380,18 @@ class Bridge:
                 await response.write(self._encode_error(status_of(bad_input[0]), sse))
             else:
                 raise
-        except (ConnectionResetError, ConnectionError):  # the client went away
+        except ConnectionError:  # the client went away
             code = grpc.StatusCode.CANCELLED
             call.cancel()
+            _log_client_gone(route.label, request.method, started)
             return response
         except GatewayError as exc:  # a response with no JSON form
-            code = exc.code
+            code = grpc.StatusCode.CANCELLED  # the gateway ended the call: no failure of the backend's
             call.cancel()
             await response.write(self._encode_error(exc.to_status(), sse))
         except Exception as exc:  # headers are sent: the error can only go into the stream
             log.error("stream relay failed", exc_info=exc)
-            code = grpc.StatusCode.INTERNAL
+            code = grpc.StatusCode.CANCELLED  # the gateway ended the call: no failure of the backend's
             call.cancel()
             with contextlib.suppress(Exception):
                 await response.write(self._encode_error(status_of(exc), sse))
@@ -364,7 +402,7 @@ class Bridge:
 
     async def _server_stream(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: Route,
         backend: Backend,
         message: Message,
@@ -375,18 +413,21 @@ class Bridge:
         return await self._stream_out(request, route, backend, call, trial, headers, [])
 
     async def _messages(
-        self, request: web.Request, route: Route, variables: dict[str, str]
+        self, request: web.BaseRequest, route: Route, variables: dict[str, str]
     ) -> AsyncIterator[Message]:
         """The request messages of a client/bidi stream: NDJSON line by line, or a JSON array."""
         s = self.settings
         query = list(request.rel_url.query.items())
+        await _send_continue(request)
         if request.content_type in NDJSON_TYPES:
             async for where, value in ndjson_values(
-                request.content, s.max_request_bytes, s.max_stream_request_bytes
+                request.content, s.max_request_bytes, s.max_stream_request_bytes, s.http_body_timeout_s
             ):
                 yield build_request(route, variables, query, value, where)
             return
-        raw = await read_body(request.content, request.content_length, s.max_stream_request_bytes)
+        raw = await read_body(
+            request.content, request.content_length, s.max_stream_request_bytes, s.http_body_timeout_s
+        )
         body = parse_json(raw) if raw.strip() else []
         items = body if isinstance(body, list) else [body]
         for i, value in enumerate(items):
@@ -394,7 +435,7 @@ class Bridge:
 
     async def _client_stream(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: Route,
         variables: dict[str, str],
         headers: dict[str, str],
@@ -423,6 +464,9 @@ class Bridge:
             except (ServiceError, GatewayError) as exc:  # a bad line: the call must not complete
                 bad_input.append(exc)
                 call.cancel()
+            except (ConnectionError, web.RequestPayloadError) as exc:  # the client went away, or a bad body
+                bad_input.append(exc)
+                call.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -439,7 +483,7 @@ class Bridge:
                 result = await call
             except grpc.RpcError as exc:
                 error = BackendError.from_rpc(backend.name, exc)
-                backend.record(info, grpc.StatusCode.CANCELLED if bad_input else error.code, trial, started)
+                backend.record(info, grpc.StatusCode.CANCELLED if bad_input else error, trial, started)
                 raise (bad_input[0] if bad_input else error) from None
             except asyncio.CancelledError:
                 backend.record(info, grpc.StatusCode.CANCELLED, trial)
@@ -458,7 +502,7 @@ class Bridge:
     def _origin_allowed(self, origin: str) -> bool:
         return bool(origin) and ("*" in self._cors or origin.rstrip("/") in self._cors)
 
-    def _cors_headers(self, request: web.Request) -> dict[str, str]:
+    def _cors_headers(self, request: web.BaseRequest) -> dict[str, str]:
         origin = request.headers.get("Origin", "")
         if not self._cors or not self._origin_allowed(origin):
             return {}
@@ -468,7 +512,7 @@ class Bridge:
             "Vary": "Origin",
         }
 
-    def _preflight(self, request: web.Request, headers: dict[str, str]) -> web.Response:
+    def _preflight(self, request: web.BaseRequest, headers: dict[str, str]) -> web.Response:
         origin = request.headers.get("Origin", "")
         if not self._origin_allowed(origin):
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, "origin not allowed", reason="CORS_ORIGIN")
@@ -544,3 +588,183 @@ def _no_route(method: str, path: str, allowed: list[str]) -> GatewayError:
 def _task_cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+# --- connections: client-gone handling, parse errors, header timeout ----------------------------------
+_CLIENT_CLOSED = 499  # nginx's "client closed request": counted apart from the server's own failures
+_LINGER_S = 2.0  # how long an unread request body is drained after the answer before the connection closes
+
+
+def _log_client_gone(label: str, method: str, started: float) -> None:
+    log.info(
+        "client closed the connection before the answer",
+        extra={
+            "route": label,
+            "http_method": method,
+            "http_status": _CLIENT_CLOSED,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        },
+    )
+
+
+def _malformed_body(exc: BaseException) -> ServiceError:
+    """A body the HTTP parser refused (bad chunked encoding, a length that does not match)."""
+    return InvalidArgument([Violation("body", f"is not a well-formed HTTP body ({type(exc).__name__})")])
+
+
+async def _send_continue(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue`` (curl sends it for bodies over 1 KiB): ask for the body only once the
+    request is admitted, so a refused one never uploads it. (aiohttp's router does this for its
+    application handlers; the bridge runs on the low-level server.)"""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final answer has not started yet
+
+
+def _parse_error(exc: BaseException | None, max_header_bytes: int, max_headers: int) -> GatewayError:
+    """The answer to a request the HTTP parser refused; it never repeats the request's bytes."""
+    if isinstance(exc, LineTooLong):
+        return GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request line or a header line is longer than the limit of {max_header_bytes} bytes",
+            violations=(Violation("headers", f"each line must be at most {max_header_bytes} bytes"),),
+            reason="HEADER_TOO_LARGE",
+            metadata={"limit_bytes": str(max_header_bytes)},
+            http_status=431,
+        )
+    if isinstance(exc, HttpProcessingError) and "too many headers" in str(exc.message).lower():
+        return GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request has more than the limit of {max_headers} header lines",
+            violations=(Violation("headers", f"at most {max_headers} header lines"),),
+            reason="TOO_MANY_HEADERS",
+            metadata={"limit": str(max_headers)},
+            http_status=431,
+        )
+    if isinstance(exc, BadHttpMethod):
+        # The parser knows no such method, so it has no path to list the allowed ones for; RFC 9110
+        # answers an unrecognised method with 501. A known method on the wrong path gets 405 + Allow.
+        return GatewayError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "the request method is not an HTTP method this server knows (or this is not HTTP)",
+            reason="METHOD_NOT_IMPLEMENTED",
+            http_status=501,
+        )
+    return GatewayError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request is not well-formed HTTP/1.1 ({type(exc).__name__ if exc else 'unknown'})",
+        reason="MALFORMED_REQUEST",
+    )
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's connection handler with what aiohttp 3.14 does not have (hence own code):
+
+    - A header timeout: a request head must be complete ``header_timeout`` seconds after its first
+      byte. aiohttp alone closes a connection only when it has waited ``keepalive_timeout`` since it
+      opened or answered last, so a head sent a byte at a time could hold it for the whole idle timeout.
+    - Errors of the HTTP parser (a header over the limit, too many headers, an unknown method, bytes
+      that are not HTTP) answered as ``google.rpc.Status`` JSON and logged at INFO, instead of a
+      plain-text body quoting the request and an ERROR with a traceback.
+
+    - A body the parser finds malformed half-way (a bad chunk) ends the handler's read with an error
+      (aiohttp only queues the error for after the request, so the handler would wait for its body).
+
+    It reads three attributes of ``RequestHandler`` (``_waiter``, ``_messages``, ``_current_request``);
+    aiohttp is pinned and ``tests/gateway/test_bridge_hardening.py`` covers each addition.
+    """
+
+    def __init__(self, manager: web.Server, *, bridge: Bridge, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._bridge = bridge
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def _awaiting_head(self) -> bool:
+        """Waiting for the next request, none of which has arrived complete."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    def data_received(self, data: bytes) -> None:
+        request, queued = self._current_request, len(self._messages)
+        super().data_received(data)
+        if request is not None and len(self._messages) > queued and not request.content.is_eof():
+            # The parser failed inside the body being read (a bad chunk): aiohttp queues the error for
+            # after this request but leaves the handler waiting for the body; end that read now.
+            request.content.set_exception(web.RequestPayloadError("the request body is malformed"))
+        if data and self._awaiting_head():  # a head has started but is not complete
+            if self._head_timer is None:
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    self._header_timeout, self._head_timed_out
+                )
+        elif self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is not None and self._awaiting_head():
+            log.info(
+                "closed a connection whose request head did not arrive in time",
+                extra={"timeout_s": self._header_timeout},
+            )
+            self._bridge._observe("incomplete_head", 408, time.perf_counter())
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: the answer has started, only closing is left
+            raise ConnectionError("the response has started; the connection is closed")
+        request_id = uuid.uuid4().hex
+        if isinstance(exc, HttpProcessingError):
+            s = self._bridge.settings
+            error = _parse_error(exc, s.http_max_header_bytes, s.http_max_headers)
+            log.info(
+                "refused a malformed HTTP request",
+                extra={
+                    "reason": error.reason,
+                    "http_status": error.http_status or 400,
+                    "error": type(exc).__name__,
+                },
+            )
+            label = "malformed"
+        else:  # the handler failed outside dispatch's own error handling: a bug
+            log.error("HTTP bridge error outside a handler", exc_info=exc)
+            error = GatewayError(grpc.StatusCode.INTERNAL, "internal error")
+            label = "unhandled"
+        http_status = error.http_status or HTTP_STATUS.get(error.code, 400)
+        self._bridge._observe(label, http_status, time.perf_counter())
+        response = web.Response(
+            body=dumps(status_json(with_request_id(error.to_status(), request_id))),
+            status=http_status,
+            content_type="application/json",
+            charset="utf-8",
+            headers={"X-Request-Id": request_id, "Server": "cbec-gateway"},
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """``web.Server`` making ``_Connection``s (it makes plain ``RequestHandler``s)."""
+
+    def __init__(self, handler: Any, *, bridge: Bridge, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._bridge = bridge
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> _Connection:
+        return _Connection(
+            self, bridge=self._bridge, header_timeout=self._header_timeout, loop=self._loop, **self._kwargs
+        )

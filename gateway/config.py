@@ -38,6 +38,8 @@ class GatewaySettings(RuntimeSettings):
     """Everything the gateway reads from the environment; see the module docstring for credentials."""
 
     service: str = "gateway"
+    # The gateway is the one public listener (gRPC and, through http_host, the HTTP bridge).
+    host: str = "0.0.0.0"
     # The gateway's own gRPC messages are small; the runtime's 8 MiB default is for model inputs.
     max_message_bytes: int = Field(1024 * 1024, ge=1024, le=512 * 1024 * 1024)
 
@@ -63,10 +65,7 @@ class GatewaySettings(RuntimeSettings):
         25.0, ge=0, le=10_000, description="Kept back from the caller's deadline to assemble the answer."
     )
     reconnect_max_backoff_s: float = Field(2.0, gt=0, le=120)
-    backend_tls_ca_file: Path | None = Field(None, description="PEM CA that signs the services' certs.")
-    backend_tls_cert_file: Path | None = Field(None, description="Client cert for mTLS to the services.")
-    backend_tls_key_file: Path | None = None
-    backend_tls_server_name: str = Field("", description="Override the TLS name checked on backends.")
+    # CBEC_BACKEND_TLS_* (TLS/mTLS to the services) are runtime settings: chat reads them too.
 
     # --- resilience -------------------------------------------------------------------------------
     retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retryPolicy.maxAttempts (1 = off).")
@@ -98,6 +97,27 @@ class GatewaySettings(RuntimeSettings):
     ready_requires: str = Field(
         "*", description="Backends /readyz needs SERVING: comma-separated names, * = all, empty = none."
     )
+    # Slow or oversized clients (issue 15): each bounds how long or how much one connection may hold.
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Longest a request head may take from its first byte to its end."
+    )
+    http_body_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="Longest a unary request body (or one NDJSON line of a stream) may take to arrive.",
+    )
+    http_idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=86400,
+        description="Keep-alive: a connection with no complete request for this long (after it opened "
+        "or after its last response) is closed. Keep it above a load balancer's idle timeout.",
+    )
+    http_max_header_bytes: int = Field(
+        8190, ge=1024, le=1024 * 1024, description="Longest request line or single header line."
+    )
+    http_max_headers: int = Field(100, ge=8, le=10_000, description="Most header lines in one request.")
 
     # --- authentication ---------------------------------------------------------------------------
     env: Literal["dev", "prod"] = Field("prod", description="dev accepts CBEC_DEV_API_KEY; prod never.")
@@ -124,6 +144,31 @@ class GatewaySettings(RuntimeSettings):
     )
     keys_reload_s: float = Field(5.0, gt=0, le=3600, description="How often the keys file is re-read.")
 
+    # --- fairness and what a backend's breaker counts (gateway.fairness, gateway.breaker) --------------
+    backend_max_in_flight: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Per backend: in-flight calls from this gateway beyond which keys get a fair share "
+        "each (default: one backend replica's CBEC_MAX_CONCURRENT_CALLS).",
+    )
+    backend_min_share: int = Field(
+        8, ge=1, le=1_000_000, description="In-flight calls to a backend a key may always have."
+    )
+    breaker_min_principals: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="Distinct principals whose INTERNAL/UNKNOWN/DATA_LOSS errors it takes to open a "
+        "breaker (1: any caller's errors open it).",
+    )
+    min_backend_timeout_ms: float = Field(
+        1.0,
+        ge=0,
+        le=10_000,
+        description="A backend call left with less time fails at once with DEADLINE_EXCEEDED, uncalled.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _address_aliases(cls, data: Any) -> Any:
@@ -138,19 +183,12 @@ class GatewaySettings(RuntimeSettings):
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         for path in (
-            self.backend_tls_ca_file,
-            self.backend_tls_cert_file,
-            self.backend_tls_key_file,
             self.api_keys_file,
             self.jwt_secret_file,
             self.jwt_public_key_file,
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"file {path} does not exist")
-        if (self.backend_tls_cert_file is None) != (self.backend_tls_key_file is None):
-            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE and CBEC_BACKEND_TLS_KEY_FILE must be set together")
-        if self.backend_tls_cert_file is not None and self.backend_tls_ca_file is None:
-            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE needs CBEC_BACKEND_TLS_CA_FILE")
         if self.jwt_secret_file is not None and self.jwt_public_key_file is not None:
             raise ValueError("set CBEC_JWT_SECRET_FILE or CBEC_JWT_PUBLIC_KEY_FILE, not both")
         unknown = set(self.backend_timeouts) - set(BACKENDS)
@@ -239,6 +277,9 @@ def parse_keys_document(text: str, source: str) -> list[dict[str, Any]]:
         scopes = entry.get("scopes", [])
         if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
             raise ValueError(f"{source}: keys[{i}].scopes must be a list of strings")
+        user = entry.get("user")
+        if user is not None and (not isinstance(user, str) or not user.strip() or len(user) > 256):
+            raise ValueError(f"{source}: keys[{i}].user must be a non-empty string of at most 256 characters")
         for limit in ("rate_per_s", "burst"):
             value = entry.get(limit)
             if value is not None and (not isinstance(value, int | float) or value <= 0):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from cbec.common.v1 import options_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
@@ -218,10 +219,19 @@ class MethodInfo:
     def routing_field(self) -> str | None:
         return SHARED_ROUTING_FIELD.get(self.service.full_name)
 
+    @cached_property
+    def access_scope(self) -> str:
+        """The scope the proto declares (``option (cbec.common.v1.access)``), "" when it declares none."""
+        options = self.method.GetOptions()
+        if not options.HasExtension(options_pb2.access):
+            return ""
+        return str(options.Extensions[options_pb2.access].scope)
+
     @property
     def scope(self) -> str:
-        """The scope a principal needs: the backend name, ``gateway``, or ``admin`` for shared admin APIs."""
-        return "admin" if self.routing_field else self.package_backend
+        """The scope a principal needs: the declared one (``admin`` for loads and erasure), else the
+        backend name, ``gateway``, or ``admin`` for the shared admin APIs."""
+        return self.access_scope or ("admin" if self.routing_field else self.package_backend)
 
     @cached_property
     def http_rules(self) -> tuple[http_pb2.HttpRule, ...]:

@@ -43,17 +43,45 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
-#: Codes that say the backend (not the request) is in trouble: they count against its breaker.
-BACKEND_FAILURES = frozenset(
+#: The backend could not serve the call, whatever was asked: these count against its breaker, whoever
+#: sent the call. DEADLINE_EXCEEDED only when the deadline was the gateway's own and RESOURCE_EXHAUSTED
+#: only when it is load shedding (``is_load_shedding``); ``backends.Backend.outcome`` decides.
+TRANSPORT_FAILURES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+#: The backend failed on this request: a bug, or an input that crashes it. They count against its
+#: breaker only when several principals see them (``breaker.CircuitBreaker``), so one key cannot trip it.
+APPLICATION_FAILURES = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
+#: Codes that may say the backend (not the request) is in trouble.
+BACKEND_FAILURES = TRANSPORT_FAILURES | APPLICATION_FAILURES
+#: The backend answered, and the request was wrong: never a backend failure (they reset the breaker's
+#: count like a success does, since the backend is plainly up).
+CLIENT_ERRORS = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+
+
+def is_load_shedding(status: status_pb2.Status | None) -> bool:
+    """A RESOURCE_EXHAUSTED that says "busy, come back later": the runtime sheds (a full queue, too many
+    concurrent calls) with a ``RetryInfo``. Without one it is a per-request size limit or gRPC's own
+    message/metadata limit, which the request caused."""
+    if status is None or status.code != grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
+        return False
+    return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+
+
 _TRANSPORT_MESSAGES = {
     grpc.StatusCode.UNAVAILABLE: "is unavailable",
     grpc.StatusCode.DEADLINE_EXCEEDED: "did not answer in time",

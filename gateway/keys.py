@@ -2,6 +2,10 @@
 
     python -m gateway.keys new --id storefront --scopes gateway,recommender,sentiment [--rate 50 --burst 100]
         prints the new key once (hand it to the client) and the entry to add to the keys file
+    python -m gateway.keys new --id shopper-42 --scopes gateway,chat --user u-42
+        a key bound to one end user: requests are for that user, whatever their body says
+    python -m gateway.keys new --id storefront-backend --scopes gateway,chat,act_as_user
+        a trusted service's key: the request body's user id names the user each call is for
     python -m gateway.keys hash KEY
         prints the SHA-256 of an existing key
 
@@ -24,9 +28,16 @@ def new_key() -> str:
 
 
 def entry(
-    key_id: str, key: str, scopes: list[str], rate: float | None, burst: float | None
+    key_id: str,
+    key: str,
+    scopes: list[str],
+    rate: float | None,
+    burst: float | None,
+    user: str | None = None,
 ) -> dict[str, object]:
     out: dict[str, object] = {"id": key_id, "sha256": hash_key(key), "scopes": scopes}
+    if user:
+        out["user"] = user
     if rate is not None:
         out["rate_per_s"] = rate
     if burst is not None:
@@ -44,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     new.add_argument("--scopes", required=True, help="comma-separated, e.g. gateway,recommender or *")
     new.add_argument("--rate", type=float)
     new.add_argument("--burst", type=float)
+    new.add_argument("--user", help="bind the key to this end user (its requests are for that user only)")
     hashed = sub.add_parser("hash", help="SHA-256 of a key")
     hashed.add_argument("key")
     args = parser.parse_args(argv)
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     key = new_key()
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     print(f"key (shown once, give it to the client): {key}", file=sys.stderr)
-    print(json.dumps(entry(args.id, key, scopes, args.rate, args.burst)))
+    print(json.dumps(entry(args.id, key, scopes, args.rate, args.burst, args.user)))
 
 
 if __name__ == "__main__":

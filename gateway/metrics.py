@@ -73,3 +73,34 @@ class GatewayMetrics:
             "Rate-limit checks decided by this replica's own bucket because Redis did not answer.",
             registry=r,
         )
+        self.breaker_outcomes = Counter(
+            "gateway_breaker_outcomes",
+            "How each backend call counted for its breaker: success, neutral, transport_failure, "
+            "application_failure.",
+            ("backend", "outcome"),
+            registry=r,
+        )
+        self.deadline_refused = Counter(
+            "gateway_deadline_refused",
+            "Backend calls failed at once because the caller's deadline left too little time.",
+            ("backend",),
+            registry=r,
+        )
+        self.backend_in_flight = Gauge(
+            "gateway_backend_in_flight",
+            "Calls in flight to a backend (streams until they end).",
+            ("backend",),
+            registry=r,
+        )
+        self.backend_principals = Gauge(
+            "gateway_backend_principals",
+            "Principals with calls in flight to a backend (they share it fairly when it is full).",
+            ("backend",),
+            registry=r,
+        )
+        self.fair_share_rejected = Counter(
+            "gateway_fair_share_rejected",
+            "Backend calls refused because the principal was over its fair share of a full backend.",
+            ("backend", "principal"),
+            registry=r,
+        )

@@ -32,6 +32,8 @@ class Gateway:
 
     service_names: Sequence[str] = (GATEWAY_SERVICE,)
     slot = None
+    #: Its callers are end users with API keys or JWTs (AuthInterceptor), not holders of the internal token.
+    authenticates_callers = True
 
     def __init__(self, runtime: Runtime) -> None:
         settings = runtime.settings

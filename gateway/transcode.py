@@ -6,10 +6,16 @@ carry (``a.b=1``, repeated fields by repeating the parameter). JSON follows the 
 (``json_format`` with ``ignore_unknown_fields=False``): an unknown field, a wrong type, two members of a
 oneof, a path variable that contradicts the body, or an unknown query parameter are all
 INVALID_ARGUMENT (HTTP 400) with a ``BadRequest`` detail naming the field.
+
+JSON is read strictly, beyond what ``json_format`` checks (``strict_check``): a key twice in one object,
+one field under both its names (``userId`` and ``user_id``), ``true``/``false`` for a number or an enum
+(``json_format`` reads them as 1 and 0) and a bytes field that is not base64 (``json_format`` drops the
+characters it does not know, so ``"!!"`` would be an empty image) are all INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Iterable
@@ -47,16 +53,59 @@ SCALAR_WKT = frozenset(
 )
 _TIMEOUT_RE = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# Standard or URL-safe alphabet, padded or not (the proto3 JSON mapping accepts both).
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+_QUOTE_MAX = 64
+_NUMERIC_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_DOUBLE,
+        FieldDescriptor.TYPE_FLOAT,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_ENUM,
+    }
+)
+_WRAPPERS = frozenset(n for n in SCALAR_WKT if n.endswith("Value"))
+_FIELDS_BY_KEY: dict[str, dict[str, FieldDescriptor]] = {}
 
 
 def too_large(what: str, limit: int) -> GatewayError:
+    """A body over the bridge's size limit: HTTP 413, with INVALID_ARGUMENT as its code (a limit of the
+    request, not load: retrying the same body cannot succeed)."""
     return GatewayError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
         f"{what} is larger than the limit of {limit} bytes",
+        violations=(Violation("body", f"{what} is larger than the limit of {limit} bytes"),),
         reason="REQUEST_TOO_LARGE",
         metadata={"limit_bytes": str(limit)},
         http_status=413,
     )
+
+
+def too_slow(what: str, timeout: float) -> GatewayError:
+    """A body that did not arrive in time (HTTP 408); the connection is closed after the answer."""
+    return GatewayError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"{what} did not arrive within {timeout:g} s",
+        reason="BODY_TIMEOUT",
+        metadata={"timeout_s": f"{timeout:g}"},
+        headers={"Connection": "close"},
+        http_status=408,
+    )
+
+
+def quote(value: Any) -> str:
+    """``repr`` of a value from the request, cut at 64 characters: an error never repeats a huge input."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE_MAX else text[: _QUOTE_MAX - 3] + "..."
 
 
 def bad(field: str, description: str) -> ServiceError:
@@ -73,9 +122,29 @@ def parse_timeout(value: str | None) -> float | None:
     return int(m.group(1)) * _TIMEOUT_UNITS[m.group(2)]
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def parse_json(data: bytes, what: str = "body") -> Any:
+    """The JSON value of a body or NDJSON line; a key twice in one object is refused, not "last wins"."""
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise bad(_in(what, exc.key[:_QUOTE_MAX]), "is given twice in one JSON object") from None
     except UnicodeDecodeError:
         raise bad(what, "is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -126,7 +195,7 @@ def _place(target: dict[str, Any], chain: list[FieldDescriptor], value: Any, nam
         existing.append(value)
     elif key is not None:
         if str(node[key]) != str(value):
-            raise bad(name, f"is {value!r} in the {source} but {node[key]!r} in the body")
+            raise bad(name, f"is {quote(value)} in the {source} but {quote(node[key])} in the body")
     else:
         node[last.name] = value
 
@@ -147,14 +216,87 @@ def _chain_for_parameter(message: Descriptor, name: str) -> list[FieldDescriptor
     return chain
 
 
+def _in(what: str, path: str) -> str:
+    """A field path inside a body (``transaction.amount``), a JSON array item or an NDJSON line."""
+    if what == "body":
+        return path
+    if what.startswith("["):
+        return f"{what}.{path}"
+    return f"{what}: {path}"
+
+
+def _fields_by_key(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+    fields = _FIELDS_BY_KEY.get(descriptor.full_name)
+    if fields is None:
+        fields = {}
+        for f in descriptor.fields:
+            fields[f.name] = f
+            fields[f.json_name] = f
+        _FIELDS_BY_KEY[descriptor.full_name] = fields
+    return fields
+
+
+def _check_scalar(f: FieldDescriptor, value: Any, path: str, what: str) -> None:
+    if isinstance(value, bool) and f.type in _NUMERIC_TYPES:
+        kind = "an enum name or number" if f.type == FieldDescriptor.TYPE_ENUM else "a number"
+        raise bad(_in(what, path), f"must be {kind}, not {'true' if value else 'false'}")
+    if f.type == FieldDescriptor.TYPE_BYTES and isinstance(value, str):
+        if (
+            _BASE64_RE.fullmatch(value) is None
+            or len(value.rstrip("=")) % 4 == 1
+            or ("=" in value and len(value) % 4)
+        ):
+            raise bad(_in(what, path), "is not valid base64 (standard or URL-safe alphabet, no line breaks)")
+    elif f.type == FieldDescriptor.TYPE_MESSAGE:
+        name = f.message_type.full_name
+        if name in _WRAPPERS:
+            _check_scalar(f.message_type.fields_by_name["value"], value, path, what)
+        elif isinstance(value, dict) and not name.startswith("google.protobuf."):
+            strict_check(f.message_type, value, f"{path}.", what)
+
+
+def strict_check(descriptor: Descriptor, obj: dict[str, Any], prefix: str = "", what: str = "body") -> None:
+    """What ``json_format`` lets through (see the module docstring): one field under both names,
+    booleans for numbers, bytes that are not base64. Wrong types it reports itself are left to it."""
+    fields = _fields_by_key(descriptor)
+    seen: dict[str, str] = {}
+    for key, value in obj.items():
+        f = fields.get(key)
+        if f is None:
+            continue  # json_format names the unknown field
+        path = f"{prefix}{f.json_name}"
+        other = seen.get(f.name)
+        if other is not None:
+            raise bad(_in(what, path), f'is given twice, as "{other}" and as "{key}"')
+        seen[f.name] = key
+        if value is None:
+            continue
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            if isinstance(value, dict):
+                value_field = f.message_type.fields_by_name["value"]
+                for k, v in value.items():
+                    if v is not None:
+                        _check_scalar(value_field, v, f"{path}[{quote(k)}]", what)
+        elif f.is_repeated and isinstance(value, list):
+            for i, v in enumerate(value):
+                if v is not None:
+                    _check_scalar(f, v, f"{path}[{i}]", what)
+        else:
+            _check_scalar(f, value, path, what)
+
+
 def parse_message(cls: type[Message], obj: Any, what: str = "body") -> Message:
     if not isinstance(obj, dict):
         raise bad(what, f"must be a JSON object ({cls.DESCRIPTOR.full_name})")
     message = cls()
     try:
+        strict_check(cls.DESCRIPTOR, obj, "", what)
         json_format.ParseDict(obj, message, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
-        raise bad(what, str(exc).split("\n")[0]) from None
+        description = str(exc).split("\n")[0]
+        if len(description) > 4 * _QUOTE_MAX:
+            description = description[: 4 * _QUOTE_MAX - 3] + "..."
+        raise bad(what, description) from None
     except RecursionError:
         raise bad(what, "is nested too deeply") from None
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
@@ -225,26 +367,49 @@ def encode_response(message: Message, response_body: str = "") -> bytes:
         ) from None
 
 
-async def read_body(content: Any, content_length: int | None, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes ``limit`` bytes."""
+async def read_body(
+    content: Any, content_length: int | None, limit: int, timeout: float | None = None
+) -> bytes:
+    """The whole body, refusing (413) as soon as it passes ``limit`` bytes, and (408) when it has not
+    arrived ``timeout`` seconds after the read began."""
     if content_length is not None and content_length > limit:
         raise too_large("the request body", limit)
     chunks = []
     size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large("the request body", limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large("the request body", limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise too_slow("the request body", timeout or 0.0) from None
     return b"".join(chunks)
 
 
-async def ndjson_values(content: Any, line_limit: int, total_limit: int) -> AsyncIterator[tuple[str, Any]]:
-    """(position, JSON value) for each non-empty line of a newline-delimited JSON body, as it arrives."""
+async def ndjson_values(
+    content: Any, line_limit: int, total_limit: int, line_timeout: float | None = None
+) -> AsyncIterator[tuple[str, Any]]:
+    """(position, JSON value) for each non-empty line of a newline-delimited JSON body, as it arrives.
+
+    A line must be complete ``line_timeout`` seconds after its first byte (408); the pause between
+    lines is not limited here (a bidi chat waits for its user), only by the call's deadline.
+    """
     buffer = bytearray()
     size = 0
     line_no = 0
-    async for chunk in content.iter_chunked(64 * 1024):
+    line_started: float | None = None
+    loop = asyncio.get_running_loop()
+    while True:
+        deadline = None if line_timeout is None or line_started is None else line_started + line_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await content.read(64 * 1024)
+        except TimeoutError:
+            raise too_slow(f"line {line_no + 1} of the request stream", line_timeout or 0.0) from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > total_limit:
             raise too_large("the request stream", total_limit)
@@ -256,11 +421,14 @@ async def ndjson_values(content: Any, line_limit: int, total_limit: int) -> Asyn
             line = bytes(buffer[:end])
             del buffer[: end + 1]
             line_no += 1
+            line_started = None
             if line.strip():
                 where = f"line {line_no}"
                 yield where, parse_json(line, where)
         if len(buffer) > line_limit:
             raise too_large(f"line {line_no + 1} of the request stream", line_limit)
+        if buffer and line_started is None:
+            line_started = loop.time()
     if buffer.strip():
         where = f"line {line_no + 1}"
         yield where, parse_json(bytes(buffer), where)

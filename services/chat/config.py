@@ -39,9 +39,11 @@ class ChatSettings(RuntimeSettings):
     # Sessions and requests.
     session_ttl_s: float = Field(3600.0, gt=0, le=90 * 86400)
     session_max_turns: int = Field(20, ge=2, le=1000)
-    max_message_chars: int = Field(4000, ge=16, le=1_000_000)
-    max_articles_per_upsert: int = Field(500, ge=1, le=100_000)
-    max_article_chars: int = Field(20_000, ge=100, le=10_000_000)
+    # Per-request limits, INVALID_ARGUMENT naming the field past them. The contract (chat.proto) caps
+    # them at these defaults; a setting may only be stricter.
+    max_message_chars: int = Field(4000, ge=16, le=4000)
+    max_articles_per_upsert: int = Field(500, ge=1, le=500)
+    max_article_chars: int = Field(20_000, ge=100, le=20_000)
     # Sentiment service for anger detection (degrades to a local heuristic when unreachable); in a
     # cluster the chart sets CBEC_SENTIMENT_ADDR to the sentiment Service.
     sentiment_addr: str = Field("127.0.0.1:50053", description="host:port of the sentiment service.")

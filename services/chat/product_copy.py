@@ -119,6 +119,19 @@ LABELS: dict[str, dict[str, str]] = {
 COLON = {"zh": "：", "ja": "："}
 _CODE = re.compile(r"^[A-Za-z]{2}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# What never goes into a listing, whatever the facts or the LLM said: ANSI/VT escape sequences (CSI,
+# OSC, two-character escapes), then C0/C1 controls but tab and newline, and the bidi embedding,
+# override and isolate characters (U+202A-U+202E, U+2066-U+2069) that can make text read differently
+# from what it says.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]|\x9b[0-?]*[ -/]*[@-~]"
+)
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_copy(text: str) -> str:
+    """``text`` without escape sequences, control characters or bidi overrides (see ``_UNSAFE``)."""
+    return _UNSAFE.sub("", _ESCAPES.sub("", text))
 
 
 @dataclass
@@ -143,20 +156,14 @@ class Copy:
 
 
 def validate_copy_request(facts: ProductFacts, language: str, market: str) -> list[Violation]:
+    """What the contract (chat.proto: name 200, category 100, 50 attributes of at most 200 characters,
+    no control characters; checked by the runtime) does not already say."""
     out = []
     if not facts.name.strip():
         out.append(Violation("product.name", "must not be empty"))
-    elif len(facts.name) > 200:
-        out.append(Violation("product.name", "must be at most 200 characters"))
-    if len(facts.category) > 100:
-        out.append(Violation("product.category", "must be at most 100 characters"))
-    if len(facts.attributes) > 50:
-        out.append(Violation("product.attributes", "at most 50 attributes"))
-    for key, value in facts.attributes.items():
-        if not key.strip() or len(key) > 50 or len(value) > 200:
-            out.append(
-                Violation(f"product.attributes[{key[:50]}]", "key 1-50 and value at most 200 characters")
-            )
+    for key in facts.attributes:
+        if not key.strip() or len(key) > 50:
+            out.append(Violation(f"product.attributes[{key[:50]}]", "key must be 1-50 characters"))
     if facts.price is not None:
         code, amount = facts.price
         if not _CURRENCY.match(code):
@@ -227,7 +234,9 @@ def build_template(facts: ProductFacts, language: str, market: str) -> Copy:
     if market_name:
         description += " " + labels["ships"].format(market=market_name)
     english.insert(0, f"Product: {facts.name}" + (f" ({facts.category})" if facts.category else ""))
-    return Copy(title, bullets, description, language, english)
+    return Copy(
+        clean_copy(title), [clean_copy(b) for b in bullets], clean_copy(description), language, english
+    )
 
 
 COPY_SYSTEM_PROMPT = (

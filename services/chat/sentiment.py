@@ -2,6 +2,9 @@
 """Is the customer angry? Asks the sentiment service (``cbec.sentiment.v1.SentimentService``) with a
 short deadline and falls back to a small multilingual lexicon when it is unreachable, so a sentiment
 outage slows no conversation: after a failure the service is not asked again for a while.
+
+The channel is the one every service-to-service call uses (``services/runtime/access.py``): TLS or
+mTLS per ``CBEC_BACKEND_TLS_*``, and the internal token (``CBEC_INTERNAL_TOKEN_FILE``) on every call.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 
 import grpc
 from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
+
+from services.runtime.access import caller, client_channel, identity_metadata, read_token
+from services.runtime.config import RuntimeSettings
 
 log = logging.getLogger("cbec.chat.sentiment")
 
@@ -63,8 +69,13 @@ class SentimentClient:
         retry_after_s: float,
         angry_threshold: float = 0.75,
         heuristic_threshold: float = 0.4,
+        settings: RuntimeSettings | None = None,
     ) -> None:
+        """``settings``: the service's own, for TLS to sentiment and the internal token."""
         self.address = address
+        self.settings = settings
+        token_file = settings.internal_token_file if settings is not None else None
+        self._token = read_token(token_file) if token_file is not None else None
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.angry_threshold = angry_threshold
@@ -84,14 +95,17 @@ class SentimentClient:
                 if self._stub is None:
                     # round_robin over every sentiment pod (a headless Service resolves to all of them);
                     # the default pick_first would send every call to one pod.
-                    self._channel = grpc.aio.insecure_channel(
-                        self.address,
-                        options=[("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')],
+                    options = [("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')]
+                    self._channel = (
+                        client_channel(self.address, self.settings, options)
+                        if self.settings is not None
+                        else grpc.aio.insecure_channel(self.address, options=options)
                     )
                     self._stub = sentiment_pb2_grpc.SentimentServiceStub(self._channel)
                 response = await self._stub.Analyze(
                     sentiment_pb2.AnalyzeRequest(texts=[sentiment_pb2.TextInput(id="m", text=text)]),
                     timeout=self.timeout_s,
+                    metadata=identity_metadata(self._token, caller().user, "chat"),
                 )
                 if response.results:
                     negative = float(response.results[0].probabilities.negative)

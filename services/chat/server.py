@@ -4,6 +4,12 @@ Converse streams the answer as it is produced (LLM tokens, or the lines of an ar
 and ends with one result chunk. When the client goes away mid-stream, gRPC cancels the handler; the
 generator's ``finally`` sets the cancel event the LLM backend checks between tokens, so generation
 stops and its slot is freed. Query embeddings go through the runtime's micro-batcher.
+
+Identity: a session belongs to the user who started it, and order lookups are that user's. The user
+is the trusted caller's (``x-cbec-user`` from the gateway, believed only with the internal token:
+``services/runtime/access.py``); ``user_id`` in the request counts only where no trusted identity
+exists (no token configured). Another user's session reads as NOT_FOUND; ending it needs the
+``admin`` scope. Logs carry a hash of the session id, never the id, which is the session's key.
 """
 
 from __future__ import annotations
@@ -25,12 +31,12 @@ from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Histogram
 
+from services.runtime.access import caller
 from services.runtime.admin import model_info
 from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
     Violation,
     raise_if,
     rejection,
@@ -44,7 +50,13 @@ from .index import HybridIndex
 from .knowledge import Embedder, embed_missing, validate_article
 from .llm import GenerationError, GenerationStats, LLMBackend
 from .model import ChatModel, llm_from_settings, load_chat_model
-from .product_copy import COPY_SYSTEM_PROMPT, ProductFacts, build_template, validate_copy_request
+from .product_copy import (
+    COPY_SYSTEM_PROMPT,
+    ProductFacts,
+    build_template,
+    clean_copy,
+    validate_copy_request,
+)
 from .sentiment import SentimentClient
 from .store import (
     ARTICLES_CHANNEL,
@@ -52,6 +64,7 @@ from .store import (
     ChatStore,
     SessionRecord,
     TurnRecord,
+    session_hash,
     valid_session_id,
 )
 from .text import LanguageDetector, mask_pii, order_ids
@@ -118,7 +131,10 @@ class ChatService:
         self.slot: ModelSlot[ChatModel] = runtime.model_slot(self._load)
         self.embed_batcher = runtime.batcher(self._embed_batch, "chat-embed")
         self.sentiment = SentimentClient(
-            settings.sentiment_addr, settings.sentiment_timeout_s, settings.sentiment_retry_after_s
+            settings.sentiment_addr,
+            settings.sentiment_timeout_s,
+            settings.sentiment_retry_after_s,
+            settings=settings,
         )
         self._llm_pool = ThreadPoolExecutor(max_workers=settings.llm_parallel, thread_name_prefix="llm")
         self._llm_in_use = 0
@@ -225,34 +241,35 @@ class ChatService:
 
     # --- Converse -------------------------------------------------------------------------------
     def _validate_converse(self, request: chat_pb2.ConverseRequest) -> str:
+        """The runtime has checked the contract's limits (chat.proto: a message is required, at most
+        4,000 characters); ``max_message_chars`` may be stricter, and is a client error too."""
         s = self.settings
         if len(request.message) > s.max_message_chars:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"message is {len(request.message)} characters; at most {s.max_message_chars} are accepted",
-                (Violation("message", f"must be at most {s.max_message_chars} characters"),),
+            raise InvalidArgument(
+                [
+                    Violation(
+                        "message",
+                        f"must be at most {s.max_message_chars} characters (got {len(request.message)})",
+                    )
+                ]
             )
         violations = []
-        if not request.message.strip():
-            violations.append(Violation("message", "must not be empty"))
         if request.session_id and not valid_session_id(request.session_id):
             violations.append(
                 Violation("session_id", "must be empty (new session) or a 32-hex-digit session id")
             )
-        if len(request.user_id) > 128:
-            violations.append(Violation("user_id", "must be at most 128 characters"))
         market = request.market.strip().upper()
         if market and (len(market) != 2 or not market.isalpha() or not market.isascii()):
             violations.append(Violation("market", "must be an ISO 3166-1 alpha-2 code such as 'DE'"))
         raise_if(violations)
         return market
 
-    def _session(self, request: chat_pb2.ConverseRequest) -> SessionRecord:
+    def _session(self, request: chat_pb2.ConverseRequest, user_id: str) -> SessionRecord:
         """Blocking (store I/O): run it in a thread."""
         if not request.session_id:
-            return self.store.create_session(request.user_id, self.settings.session_ttl_s)
+            return self.store.create_session(user_id, self.settings.session_ttl_s)
         session = self.store.get_session(request.session_id)
-        if session is None or session.user_id != request.user_id:  # never confirm another user's session
+        if session is None or session.user_id != user_id:  # never confirm another user's session
             raise NotFound(f"session {request.session_id} does not exist or has expired")
         return session
 
@@ -263,7 +280,8 @@ class ChatService:
         market = self._validate_converse(request)
         loaded = self.slot.require()
         model = loaded.model
-        session = await asyncio.to_thread(self._session, request)
+        user_id = _user_of(request.user_id)
+        session = await asyncio.to_thread(self._session, request, user_id)
         masked = mask_pii(request.message)
         vec, mood = await asyncio.gather(
             self.embed_batcher.submit(masked, time_remaining=context.time_remaining()),
@@ -274,11 +292,11 @@ class ChatService:
             oid for t in session.turns if t.role == chat_pb2.ROLE_CUSTOMER for oid in order_ids(t.text)
         ]
         # plan() may read orders or open a return: store I/O, so off the event loop.
-        p = await asyncio.to_thread(plan, u, model, mood, self.store, request.user_id, market, history_ids)
+        p = await asyncio.to_thread(plan, u, model, mood, self.store, user_id, market, history_ids)
         log.info(
             "converse",
             extra={
-                "chat_session": session.session_id,
+                "chat_session": session_hash(session.session_id),
                 "chat_language": p.language,
                 "chat_intent": p.intent,
                 "chat_source": p.answer_source,
@@ -438,7 +456,7 @@ class ChatService:
     ) -> chat_pb2.GetSessionResponse:
         self._check_session_id(request.session_id)
         session = await asyncio.to_thread(self.store.get_session, request.session_id)
-        if session is None:
+        if session is None or not _visible(session, admin_ok=False):
             raise NotFound(f"session {request.session_id} does not exist or has expired")
         return chat_pb2.GetSessionResponse(
             session=chat_pb2.Session(
@@ -457,6 +475,9 @@ class ChatService:
         self, request: chat_pb2.EndSessionRequest, context: Any
     ) -> chat_pb2.EndSessionResponse:
         self._check_session_id(request.session_id)
+        session = await asyncio.to_thread(self.store.get_session, request.session_id)
+        if session is not None and not _visible(session, admin_ok=True):
+            raise NotFound(f"session {request.session_id} does not exist or has expired")
         ended = await asyncio.to_thread(self.store.end_session, request.session_id)
         return chat_pb2.EndSessionResponse(ended=ended)
 
@@ -467,8 +488,15 @@ class ChatService:
         s = self.settings
         if not request.articles:
             raise InvalidArgument([Violation("articles", "must contain at least one article")])
-        if len(request.articles) > s.max_articles_per_upsert:
-            raise ResourceExhausted(f"at most {s.max_articles_per_upsert} articles per call")
+        if len(request.articles) > s.max_articles_per_upsert:  # the contract's 500, or stricter
+            raise InvalidArgument(
+                [
+                    Violation(
+                        "articles",
+                        f"must hold at most {s.max_articles_per_upsert} items (got {len(request.articles)})",
+                    )
+                ]
+            )
         accepted: list[ArticleRecord] = []
         rejected = []
         seen: set[tuple[str, str]] = set()
@@ -530,7 +558,7 @@ class ChatService:
             except GenerationError as exc:
                 log.warning("LLM copy failed (%s); using the template", exc)
                 parts = []
-            text = "".join(parts).strip()
+            text = clean_copy("".join(parts)).strip()
             if text:
                 copy.description = text
                 generator = chat_pb2.COPY_GENERATOR_LLM
@@ -542,6 +570,21 @@ class ChatService:
             generator=generator,
             model=model_info(loaded.manifest),
         )
+
+
+def _user_of(request_user_id: str) -> str:
+    """The user a call is for: the trusted caller's; the request's only without a trusted identity."""
+    who = caller()
+    return who.user if who.trusted else request_user_id
+
+
+def _visible(session: SessionRecord, admin_ok: bool) -> bool:
+    """Whether the caller may see (or, ``admin_ok``, end) the session: its owner, or an admin. Without
+    a trusted identity (no token configured) the session id, a 128-bit random key, is the credential."""
+    who = caller()
+    if not who.trusted:
+        return True
+    return session.user_id == who.user or (admin_ok and who.has_scope("admin"))
 
 
 class _Servicer(chat_pb2_grpc.ChatServiceServicer):

@@ -150,6 +150,11 @@ def valid_session_id(session_id: str) -> bool:
     return len(session_id) == SESSION_ID_LEN and all(c in "0123456789abcdef" for c in session_id)
 
 
+def session_hash(session_id: str) -> str:
+    """What logs show of a session: the id is its only key, so it never goes into a log."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
 def session_keys(session_id: str) -> tuple[str, str]:
     """Redis keys of a session: its hash and its turns list (one hash tag: same cluster slot)."""
     return f"cbec:chat:{{{session_id}}}:session", f"cbec:chat:{{{session_id}}}:turns"

@@ -31,7 +31,15 @@ from cbec.recommender.v1 import recommender_pb2 as pb
 from cbec.recommender.v1 import recommender_pb2_grpc
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation, raise_if, rejection
+from services.runtime.errors import (
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Violation,
+    quote,
+    raise_if,
+    rejection,
+)
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime
 from services.runtime.state import StoreUnavailable
@@ -56,17 +64,15 @@ SOURCES = {
     pb.SIMILARITY_SOURCE_COLLABORATIVE: "collaborative",
     pb.SIMILARITY_SOURCE_CONTENT: "content",
 }
-MAX_ID = 256
-MAX_TEXT = 4000
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 FUTURE_SLACK_S = 86400.0
 
 
 def _id_violation(value: str, name: str) -> Violation | None:
+    """Lengths (256), item counts and control characters are the contract's (recommender.proto),
+    checked by the runtime before a servicer runs."""
     if not value or not value.strip():
         return Violation(name, "must not be empty")
-    if len(value) > MAX_ID:
-        return Violation(name, f"must be at most {MAX_ID} characters")
     return None
 
 
@@ -152,7 +158,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         except NoSignal as exc:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if results is None:
-            raise NotFound(f"item {request.item_id!r} is not in the catalogue")
+            raise NotFound(f"item {quote(request.item_id)} is not in the catalogue")
         return pb.SimilarItemsResponse(items=self._items(results), model=model_info(manifest))
 
     async def RecordInteractions(
@@ -162,8 +168,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         limit = self.svc.settings.max_interactions_per_call
         if n == 0:
             raise InvalidArgument([Violation("interactions", "must not be empty")])
-        if n > limit:
-            raise InvalidArgument([Violation("interactions", f"at most {limit} per call")])
+        if n > limit:  # the contract's 1,000, or a stricter setting
+            raise InvalidArgument([Violation("interactions", f"must hold at most {limit} items (got {n})")])
         engine, _ = self._engine()
         now = time.time()
         with engine.lock:
@@ -227,8 +233,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         limit = self.svc.settings.max_items_per_call
         if n == 0:
             raise InvalidArgument([Violation("items", "must not be empty")])
-        if n > limit:
-            raise InvalidArgument([Violation("items", f"at most {limit} per call")])
+        if n > limit:  # the contract's 256, or a stricter setting
+            raise InvalidArgument([Violation("items", f"must hold at most {limit} items (got {n})")])
         self._engine()  # FAILED_PRECONDITION until a model serves
         rejected: list[common_pb2.ItemRejection] = []
         good: list[pb.Item] = []
@@ -267,9 +273,6 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             problems.append(
                 ("title", "an item needs a title or a description (the content model reads them)")
             )
-        for name in ("title", "description"):
-            if len(getattr(item, name)) > MAX_TEXT:
-                problems.append((name, f"must be at most {MAX_TEXT} characters"))
         for j, m in enumerate(item.markets):
             if not MARKET_RE.match(m):
                 problems.append((f"markets[{j}]", "must be an ISO 3166-1 alpha-2 code such as DE"))

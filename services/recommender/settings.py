@@ -33,8 +33,9 @@ class RecommenderSettings(RuntimeSettings):
         "missed; notifications fold writes in within milliseconds.",
     )
     max_k: int = Field(500, ge=1, le=10_000, description="Largest k a request may ask for.")
-    max_interactions_per_call: int = Field(1000, ge=1, le=100_000)
-    max_items_per_call: int = Field(256, ge=1, le=10_000)
+    # The contract (recommender.proto) caps a call at these defaults; a setting may only be stricter.
+    max_interactions_per_call: int = Field(1000, ge=1, le=1000)
+    max_items_per_call: int = Field(256, ge=1, le=256)
     personalise_min_events: int = Field(
         3,
         ge=1,

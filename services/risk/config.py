@@ -41,7 +41,11 @@ class RiskSettings(RuntimeSettings):
     )
     risk_rates_check_s: float = Field(60.0, gt=0, description="How often the rates file is re-read.")
     risk_max_transactions: int = Field(
-        10_000, ge=1, le=1_000_000, description="Most transactions one ScoreTransactions call may carry."
+        10_000,
+        ge=1,
+        le=10_000,
+        description="Most transactions one ScoreTransactions call may carry (INVALID_ARGUMENT past it); "
+        "at most the contract's 10,000.",
     )
     risk_max_future_s: float = Field(300.0, ge=0, description="Allowed clock skew for occurred_time.")
     risk_reasons: int = Field(3, ge=1, le=22, description="Reason codes per assessment.")

@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import numpy as np
 
@@ -113,10 +113,20 @@ def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+@lru_cache(maxsize=1)
+def known_timezones() -> frozenset[str]:
+    """Every IANA key tzdata knows (read once)."""
+    return frozenset(available_timezones())
+
+
 def valid_timezone(name: str) -> bool:
+    """A key of the tz database. Checked against the list first: ``ZoneInfo`` turns a folder name
+    ("Europe"), an overlong name or a path into IsADirectoryError, OSError or ValueError."""
+    if name not in known_timezones():
+        return False
     try:
         zone(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return False
     return True
 

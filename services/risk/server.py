@@ -25,7 +25,7 @@ from cbec.risk.v1 import risk_pb2, risk_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, ServiceError, Violation, raise_if
+from services.runtime.errors import InvalidArgument, Violation, quote, raise_if
 from services.runtime.model_store import Loaded, Manifest, ModelSlot
 from services.runtime.server import Runtime
 
@@ -47,7 +47,6 @@ log = logging.getLogger("cbec.risk")
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name
 # Health name that reports the currency-rates table: NOT_SERVING while it is older than its maximum age.
 RATES_HEALTH = f"{SERVICE_NAME}.rates"
-MAX_ID_LENGTH = 256
 MAX_AMOUNT = 1e12
 OLDEST_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake, not a transaction
 
@@ -56,20 +55,17 @@ OLDEST_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake, not
 def validate_transaction(
     t: risk_pb2.Transaction, prefix: str, rates: RatesTable, now_s: float, max_future_s: float
 ) -> list[Violation]:
-    """Every problem with one transaction, as field violations (paths start with ``prefix``)."""
+    """Every problem with one transaction, as field violations (paths start with ``prefix``). Lengths,
+    control characters and the timestamps' range are the contract's (``risk.proto``), checked by the
+    runtime before this runs."""
     out: list[Violation] = []
 
     def bad(name: str, description: str) -> None:
         out.append(Violation(prefix + name, description))
 
     for name in ("transaction_id", "user_id", "card_fingerprint"):
-        value = getattr(t, name)
-        if not value.strip():
+        if not getattr(t, name).strip():
             bad(name, "is required")
-        elif len(value) > MAX_ID_LENGTH:
-            bad(name, f"must be at most {MAX_ID_LENGTH} characters")
-    if len(t.device_id) > MAX_ID_LENGTH:
-        bad("device_id", f"must be at most {MAX_ID_LENGTH} characters")
     if math.isnan(t.amount):
         bad("amount", "must be a number, not NaN")
     elif math.isinf(t.amount) or t.amount > MAX_AMOUNT:
@@ -80,12 +76,12 @@ def validate_transaction(
     if not currency:
         bad("currency", "is required (ISO 4217 code)")
     elif currency not in rates:
-        bad("currency", f"unknown currency {t.currency!r}: not in rates table {rates.version}")
+        bad("currency", f"unknown currency {quote(t.currency)}: not in rates table {rates.version}")
     table = countries()
     for name in ("ip_country", "billing_country", "shipping_country"):
         code = getattr(t, name).strip().upper()
         if code and code not in table:
-            bad(name, f"unknown country code {getattr(t, name)!r} (ISO 3166-1 alpha-2 expected)")
+            bad(name, f"unknown country code {quote(getattr(t, name))} (ISO 3166-1 alpha-2 expected)")
     occurred_ms: int | None = None
     if not t.HasField("occurred_time"):
         bad("occurred_time", "is required")
@@ -102,7 +98,7 @@ def validate_transaction(
         elif created_ms > (now_s + max_future_s) * 1000:
             bad("account_created_time", "is in the future")
     if t.buyer_timezone.strip() and not valid_timezone(t.buyer_timezone.strip()):
-        bad("buyer_timezone", f"unknown IANA time zone {t.buyer_timezone!r}")
+        bad("buyer_timezone", f"unknown IANA time zone {quote(t.buyer_timezone)}")
     return out
 
 
@@ -347,12 +343,11 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def ScoreTransactions(
         self, request: risk_pb2.ScoreTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> risk_pb2.ScoreTransactionsResponse:
+        # The contract caps a call at 10,000 (risk.proto); the setting may be stricter.
         n, limit = len(request.transactions), self.settings.risk_max_transactions
         if n > limit:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{n} transactions in one call; the limit is {limit} (split the request)",
-                (Violation("transactions", f"at most {limit} per call, got {n}"),),
+            raise InvalidArgument(
+                [Violation("transactions", f"must hold at most {limit} items (got {n}): split the call")]
             )
         if n == 0:
             raise InvalidArgument([Violation("transactions", "must not be empty")])
@@ -367,11 +362,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def ReportOutcome(
         self, request: risk_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> risk_pb2.ReportOutcomeResponse:
-        violations = []
+        violations = []  # lengths and reported_time's range (2000..2100): the runtime, by the contract
         if not request.transaction_id.strip():
             violations.append(Violation("transaction_id", "is required"))
-        elif len(request.transaction_id) > MAX_ID_LENGTH:
-            violations.append(Violation("transaction_id", f"must be at most {MAX_ID_LENGTH} characters"))
         if (
             request.outcome not in risk_pb2.Outcome.values()
             or request.outcome == risk_pb2.OUTCOME_UNSPECIFIED
@@ -383,8 +376,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             reported_ms = timestamp_ms(request.reported_time)
             if reported_ms > now_ms + self.settings.risk_max_future_s * 1000:
                 violations.append(Violation("reported_time", "is in the future"))
-        if len(request.note) > 4000:
-            violations.append(Violation("note", "must be at most 4000 characters"))
         raise_if(violations)
         known = await asyncio.to_thread(
             self.state.record_outcome, request.transaction_id, int(request.outcome), reported_ms, request.note

@@ -34,7 +34,11 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     service: str = Field(description="Service name; selects default ports and the model store folder.")
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1",
+        description="Listen address. Services are reached only through the gateway: loopback unless "
+        "a deployment sets CBEC_HOST=0.0.0.0 (the chart does, behind its NetworkPolicy).",
+    )
     grpc_port: int = Field(0, ge=0, le=65535, description="0 picks a free port (tests).")
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_enabled: bool = True
@@ -77,6 +81,16 @@ class RuntimeSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="PEM CA bundle; set = require client certs (mTLS)."
     )
+    # Calls between services (gateway -> services, chat -> sentiment): see services/runtime/access.py.
+    internal_token_file: Path | None = Field(
+        None,
+        description="File holding the secret the gateway and the services share (at least 32 characters); "
+        "set: every call but health and reflection must carry it, and admin RPCs become possible.",
+    )
+    backend_tls_ca_file: Path | None = Field(None, description="PEM CA that signs the services' certs.")
+    backend_tls_cert_file: Path | None = Field(None, description="Client cert for mTLS to the services.")
+    backend_tls_key_file: Path | None = None
+    backend_tls_server_name: str = Field("", description="Override the TLS name checked on backends.")
 
     @model_validator(mode="after")
     def _tls_files(self) -> RuntimeSettings:
@@ -87,6 +101,21 @@ class RuntimeSettings(BaseSettings):
         for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @model_validator(mode="after")
+    def _service_links(self) -> RuntimeSettings:
+        from .access import read_token
+
+        for path in (self.backend_tls_ca_file, self.backend_tls_cert_file, self.backend_tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file {path} does not exist")
+        if (self.backend_tls_cert_file is None) != (self.backend_tls_key_file is None):
+            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE and CBEC_BACKEND_TLS_KEY_FILE must be set together")
+        if self.backend_tls_cert_file is not None and self.backend_tls_ca_file is None:
+            raise ValueError("CBEC_BACKEND_TLS_CERT_FILE needs CBEC_BACKEND_TLS_CA_FILE")
+        if self.internal_token_file is not None:
+            read_token(self.internal_token_file)
         return self
 
     @model_validator(mode="after")

@@ -3,6 +3,13 @@
 A servicer raises ``InvalidArgument([...])`` or ``ResourceExhausted(...)``; the runtime's interceptor
 turns it into a status with ``BadRequest`` field violations or ``RetryInfo`` details via grpcio-status,
 so no servicer builds status protos by hand.
+
+Every error is bounded here, whatever the caller put in it: a quoted value is cut at
+``QUOTE_CHARS`` (use ``quote`` when a message repeats input), a field path at ``FIELD_CHARS`` and a
+description at ``DESCRIPTION_CHARS``, the message at ``MESSAGE_CHARS``, and a status carries at most
+``MAX_VIOLATIONS`` violations and ``MAX_STATUS_BYTES`` in all, then one "... and N more". Past gRPC's
+16 KB trailer limit the client would see only "received metadata size exceeds hard limit", with no
+field named.
 """
 
 from __future__ import annotations
@@ -17,6 +24,28 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 REQUEST_ID_KEY = "x-request-id"
+QUOTE_CHARS = 64
+FIELD_CHARS = 128
+DESCRIPTION_CHARS = 256
+MESSAGE_CHARS = 512
+MAX_VIOLATIONS = 20
+#: The whole serialized google.rpc.Status (message and details) stays under this.
+MAX_STATUS_BYTES = 4096
+#: Room kept for the "... and N more" violation and the other details (RetryInfo, ErrorInfo).
+_RESERVED_BYTES = 512
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of (the start of) an input value, for error messages: at most ``limit`` characters of
+    it, with the full length said when it was cut."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}..."
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -26,13 +55,36 @@ class Violation:
     field: str
     description: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "field", _cut(self.field, FIELD_CHARS))
+        object.__setattr__(self, "description", _cut(self.description, DESCRIPTION_CHARS))
+
     def to_proto(self) -> error_details_pb2.BadRequest.FieldViolation:
         return error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
 
 
 def rejection(index: int, violations: Iterable[Violation]) -> common_pb2.ItemRejection:
     """One rejected item of a batch call (the others in the call are kept), with its reasons."""
-    return common_pb2.ItemRejection(index=index, violations=[v.to_proto() for v in violations])
+    return common_pb2.ItemRejection(index=index, violations=[v.to_proto() for v in bounded(violations)])
+
+
+def bounded(
+    violations: Iterable[Violation], budget: int = MAX_STATUS_BYTES - _RESERVED_BYTES
+) -> list[Violation]:
+    """The first violations that fit ``MAX_VIOLATIONS`` and ``budget`` serialized bytes, then one
+    "... and N more" for the rest."""
+    found = violations if isinstance(violations, Sequence) else tuple(violations)
+    kept: list[Violation] = []
+    used = 0
+    for v in found:
+        size = v.to_proto().ByteSize() + 4  # + tag and length of the repeated element
+        if len(kept) == MAX_VIOLATIONS or used + size > budget:
+            break
+        kept.append(v)
+        used += size
+    if len(kept) < len(found):
+        kept.append(Violation("...", f"... and {len(found) - len(kept)} more"))
+    return kept
 
 
 @dataclass
@@ -43,6 +95,12 @@ class ServiceError(Exception):
     message: str
     violations: Sequence[Violation] = field(default_factory=tuple)
     retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        # Bounded at construction: the interceptor sends ``message`` as grpc-message and in the status.
+        self.message = _cut(self.message, MESSAGE_CHARS)
+        budget = MAX_STATUS_BYTES - _RESERVED_BYTES - len(self.message.encode("utf-8", "replace"))
+        self.violations = bounded(self.violations, budget)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -67,7 +125,9 @@ def _pack(message: object) -> any_pb2.Any:
 
 def InvalidArgument(violations: Iterable[Violation], message: str | None = None) -> ServiceError:
     found = tuple(violations)
-    text = message or "; ".join(f"{v.field}: {v.description}" for v in found) or "invalid argument"
+    text = message or "; ".join(f"{v.field}: {v.description}" for v in found[:3]) or "invalid argument"
+    if message is None and len(found) > 3:
+        text = f"{_cut(text, MESSAGE_CHARS - 40)} (and {len(found) - 3} more)"
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, text, found)
 
 

@@ -1,10 +1,12 @@
 """One server interceptor for every cross-cutting concern of a call.
 
 In order: request id (from ``x-request-id`` metadata or made up; returned in trailing metadata),
+access (internal token, trusted identity, admin scopes: ``access.py``),
 deadline check (a call whose deadline has passed is not computed), load shedding (past
 ``max_concurrent_calls`` a call gets RESOURCE_EXHAUSTED at once; health, reflection and admin calls
 are exempt so probes still answer under overload), malformed-request detection (INVALID_ARGUMENT
-instead of grpc's INTERNAL "Exception deserializing request"), error mapping (``ServiceError`` to a
+instead of grpc's INTERNAL "Exception deserializing request"), the contract's field limits on every
+request message (``validation.py``), error mapping (``ServiceError`` to a
 rich status; any other exception to INTERNAL with no stack trace leaked), metrics and logs.
 
 It is one interceptor rather than a chain because every wrapper layer costs a coroutine per call;
@@ -24,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from .access import AccessPolicy
 from .errors import (
     REQUEST_ID_KEY,
     InvalidArgument,
@@ -34,6 +37,7 @@ from .errors import (
 )
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
+from .validation import validate
 
 log = logging.getLogger("cbec.rpc")
 
@@ -72,8 +76,15 @@ def _malformed_error(reason: str) -> ServiceError:
 
 
 class RuntimeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: RuntimeMetrics, max_concurrent_calls: int, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        metrics: RuntimeMetrics,
+        max_concurrent_calls: int,
+        access_log: bool = False,
+        access: AccessPolicy | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._access = access or AccessPolicy(None, enforce=False)
         self._max = max_concurrent_calls
         self._access_log = access_log
         self._in_flight = 0
@@ -159,6 +170,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     request = _checked_stream(request)
                 elif isinstance(request, _Malformed):
                     raise _malformed_error(request.reason)
+                else:
+                    validate(request)  # the contract's limits (validation.py)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -185,6 +198,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     request = _checked_stream(request)
                 elif isinstance(request, _Malformed):
                     raise _malformed_error(request.reason)
+                else:
+                    validate(request)  # the contract's limits (validation.py)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for response in result:
@@ -217,6 +232,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         return time.perf_counter(), context.peer()
 
     async def _admit(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> None:
+        self._access.admit(info.service, info.method, context)  # token, identity, admin scope
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise ServiceError(
@@ -302,7 +318,10 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
     async for request in requests:
         if isinstance(request, _Malformed):
             raise _malformed_error(request.reason)
+        validate(request, f"requests[{index}].")
+        index += 1
         yield request

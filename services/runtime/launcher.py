@@ -4,6 +4,11 @@ processes, wait until each reports SERVING, print the endpoints, stop them all o
 A service exists when its package has ``__main__.py``. Before it starts, its ``defaults.py`` (if any)
 is run as ``python -m services.<name>.defaults``: it prepares the packaged data and the default model
 and skips what is already there, so re-running ``make run`` is quick.
+
+The services listen on 127.0.0.1 only (the runtime's default) and the gateway is the one public
+listener. Every process gets ``CBEC_INTERNAL_TOKEN_FILE``: a random secret made once in
+``$CBEC_STATE_DIR/internal-token`` (mode 0600), which the gateway and chat send and the services
+require (``services/runtime/access.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .access import TOKEN_ENV, new_token
 from .config import DEFAULT_PORTS
 from .probe import check
 
@@ -100,6 +106,17 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def internal_token_file(state_dir: Path) -> Path:
+    """The shared secret of this machine's services, made (mode 0600) the first time."""
+    path = state_dir / "internal-token"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_token() + "\n")
+    return path
+
+
 def stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
     for proc in procs.values():
         if proc.poll() is None:
@@ -137,6 +154,8 @@ def main() -> None:
         "CBEC_GRACE_PERIOD_S": str(args.grace),
     }
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if not env.get(TOKEN_ENV):
+        env[TOKEN_ENV] = str(internal_token_file(Path(env["CBEC_STATE_DIR"])))
     # make run is a developer's laptop: the gateway accepts its documented development key there
     # (production defaults to CBEC_ENV=prod, which refuses it).
     env.setdefault("CBEC_ENV", "dev")

@@ -25,6 +25,7 @@ from cbec.common.v1 import common_pb2, common_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .access import AccessPolicy
 from .admin import ModelAdminServicer
 from .batching import BatcherConfig, MicroBatcher
 from .config import ConfigError, RuntimeSettings, load_settings
@@ -133,7 +134,8 @@ class Service(Protocol):
     def register(self, server: grpc.aio.Server) -> None: ...
 
     # Optional: ``interceptors`` (a sequence of grpc.aio.ServerInterceptor run after the
-    # runtime's own, e.g. the gateway's authentication).
+    # runtime's own, e.g. the gateway's authentication), and ``authenticates_callers = True`` for a
+    # service that checks its own callers (the gateway): the internal-token check is then off.
 
     async def start(self) -> None:
         """Warm up after the model is loaded (or at once for model-free services)."""
@@ -152,8 +154,11 @@ class Server:
         )
         self.health = self.runtime.health
         self.service = build(self.runtime)
+        access = AccessPolicy.from_settings(
+            settings, enforce=not getattr(self.service, "authenticates_callers", False)
+        )
         self.interceptor = RuntimeInterceptor(
-            self.metrics, settings.max_concurrent_calls, settings.access_log
+            self.metrics, settings.max_concurrent_calls, settings.access_log, access
         )
         self.grpc_port = 0
         self.metrics_port = 0

@@ -29,11 +29,14 @@ class SentimentSettings(RuntimeSettings):
     sentiment_max_tokens: int = Field(
         512, ge=16, le=512, description="Token limit per text; longer texts are cut and flagged."
     )
+    # Per-request limits are INVALID_ARGUMENT naming the field. The contract (sentiment.proto) caps a
+    # text at 65,536 characters (256 KiB as utf8_bytes), a call at 256 texts or 1,000 reviews; these
+    # settings may only be stricter.
     sentiment_max_text_bytes: int = Field(
-        64 * 1024, ge=256, le=4 * 1024 * 1024, description="Larger texts are refused, not cut."
+        64 * 1024, ge=256, le=256 * 1024, description="Larger texts are refused, not cut."
     )
-    sentiment_max_texts_per_call: int = Field(256, ge=1, le=10_000)
-    sentiment_max_reviews_per_call: int = Field(1000, ge=1, le=100_000)
+    sentiment_max_texts_per_call: int = Field(256, ge=1, le=256)
+    sentiment_max_reviews_per_call: int = Field(1000, ge=1, le=1000)
     sentiment_alert_negative_share: float = Field(
         0.30, gt=0, lt=1, description="Alert when a window's negative share exceeds this."
     )

@@ -2,8 +2,9 @@
 
 Every text goes through the runtime's micro-batcher, one item per text, so a call with many texts and
 many calls with one text share the same batches. Inputs are checked before any compute: a bad field
-is an INVALID_ARGUMENT naming it, too many texts is RESOURCE_EXHAUSTED, and a text longer than the
-model's token limit is scored on its start with ``truncated`` set (never cut silently).
+is an INVALID_ARGUMENT naming it (too many texts too: a per-request limit, not load; lengths and
+counts are the contract's, checked by the runtime, the settings may be stricter), and a text longer
+than the model's token limit is scored on its start with ``truncated`` set (never cut silently).
 
 Reviews live in the runtime's state store (``runtime.database("sentiment")``: an SQLite file under
 ``CBEC_STATE_DIR``, or the PostgreSQL every replica shares), so a review ingested through any replica
@@ -19,7 +20,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
 from services.runtime.admin import model_info
-from services.runtime.errors import InvalidArgument, ServiceError, Violation, raise_if, rejection
+from services.runtime.errors import InvalidArgument, Violation, quote, raise_if, rejection
 from services.runtime.model_store import Loaded, Manifest
 from services.runtime.server import Runtime
 
@@ -46,7 +46,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SentimentService"].full_name
 MARKETS_FILE = Path(__file__).resolve().parent / "markets.tab"
 LABEL_ENUM = (pb.SENTIMENT_NEGATIVE, pb.SENTIMENT_NEUTRAL, pb.SENTIMENT_POSITIVE)
 DEFAULT_WINDOW_S = 30 * 86400
-MAX_ID_CHARS = 256
 MIN_ALERT_REVIEWS = 10
 
 
@@ -206,9 +205,7 @@ class SentimentService:
         return None
 
     def _text_of(self, item: pb.TextInput, path: str) -> tuple[str, list[Violation]]:
-        violations = []
-        if len(item.id) > MAX_ID_CHARS:
-            violations.append(Violation(f"{path}.id", f"longer than {MAX_ID_CHARS} characters"))
+        violations: list[Violation] = []
         which = item.WhichOneof("content")
         if which is None:
             return "", [*violations, Violation(f"{path}.content", "set text or utf8_bytes")]
@@ -241,10 +238,8 @@ class SentimentService:
         if n == 0:
             raise InvalidArgument([Violation(field, "at least one item is required")])
         if n > limit:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{n} {field} in one call; the limit is {limit}: split the call or use AnalyzeStream",
-                (Violation(field, f"{n} items; at most {limit} per call"),),
+            raise InvalidArgument(
+                [Violation(field, f"must hold at most {limit} items (got {n}): split the call or stream")]
             )
 
     # --- Analyze ---------------------------------------------------------------------------------
@@ -318,30 +313,20 @@ class SentimentService:
     def _review_violations(self, r: pb.Review, now_ms: int) -> tuple[str, str, int, list[Violation]]:
         v = []
         for name in ("review_id", "product_id"):
-            value = getattr(r, name)
-            if not value.strip():
+            if not getattr(r, name).strip():
                 v.append(Violation(name, "must not be empty"))
-            elif len(value) > MAX_ID_CHARS:
-                v.append(Violation(name, f"longer than {MAX_ID_CHARS} characters"))
-        if len(r.category) > MAX_ID_CHARS:
-            v.append(Violation("category", f"longer than {MAX_ID_CHARS} characters"))
         market = r.market.strip().upper()
         if market not in self.markets:
             v.append(
                 Violation(
-                    "market", f"unknown market {r.market!r}: use an ISO 3166-1 alpha-2 code such as 'DE'"
+                    "market", f"unknown market {quote(r.market)}: use an ISO 3166-1 alpha-2 code such as 'DE'"
                 )
             )
         created = now_ms
-        if r.HasField("created_time"):
-            if not 0 <= r.created_time.nanos < 1_000_000_000:
-                v.append(Violation("created_time.nanos", "must be within 0..999999999"))
-            else:
-                created = _ms(r.created_time)
-                if created < 0:
-                    v.append(Violation("created_time", "before 1970"))
-                elif created > now_ms + 86_400_000:
-                    v.append(Violation("created_time", "more than a day in the future"))
+        if r.HasField("created_time"):  # nanos and 1970..2100: the runtime, by the contract
+            created = _ms(r.created_time)
+            if created > now_ms + 86_400_000:
+                v.append(Violation("created_time", "more than a day in the future"))
         if not 0 <= r.rating <= 5:
             v.append(Violation("rating", "must be 1..5, or 0 for none"))
         bad = self._text_violation(r.text, "text")
@@ -409,34 +394,22 @@ class SentimentService:
             v.append(
                 Violation(
                     "market",
-                    f"unknown market {request.market!r}: use an ISO 3166-1 alpha-2 code, or empty for all",
+                    f"unknown market {quote(request.market)}: an ISO 3166-1 alpha-2 code, or empty for all",
                 )
             )
         window_s = DEFAULT_WINDOW_S
-        if request.HasField("window"):
+        if request.HasField("window"):  # a well-formed Duration: the runtime, by the contract
             w = request.window
-            if (
-                not (-999_999_999 <= w.nanos <= 999_999_999)
-                or (w.seconds > 0 > w.nanos)
-                or (w.seconds < 0 < w.nanos)
-            ):
-                v.append(Violation("window", "not a valid duration"))
-            else:
-                window_s = w.seconds + w.nanos / 1e9
-                if window_s < 60:
-                    v.append(Violation("window", "must be at least one minute"))
-                elif window_s > self.settings.sentiment_max_window_days * 86400:
-                    v.append(
-                        Violation("window", f"longer than {self.settings.sentiment_max_window_days} days")
-                    )
+            window_s = w.seconds + w.nanos / 1e9
+            if window_s < 60:
+                v.append(Violation("window", "must be at least one minute"))
+            elif window_s > self.settings.sentiment_max_window_days * 86400:
+                v.append(Violation("window", f"longer than {self.settings.sentiment_max_window_days} days"))
         end_ms = int(time.time() * 1000)
-        if request.HasField("end_time"):
-            if not 0 <= request.end_time.nanos < 1_000_000_000:
-                v.append(Violation("end_time.nanos", "must be within 0..999999999"))
-            else:
-                end_ms = _ms(request.end_time)
-                if end_ms <= 0 or end_ms > int(datetime(9999, 1, 1, tzinfo=UTC).timestamp() * 1000):
-                    v.append(Violation("end_time", "out of range"))
+        if request.HasField("end_time"):  # nanos and 1970..2100: the runtime, by the contract
+            end_ms = _ms(request.end_time)
+            if end_ms <= 0:
+                v.append(Violation("end_time", "must be after 1970-01-01"))
         raise_if(v)
         return ("p" if which == "product_id" else "c"), scope, market, end_ms - int(window_s * 1000), end_ms
 

@@ -34,7 +34,10 @@ class VisionSettings(RuntimeSettings):
         description="Fashion-MNIST copy (when not installed system-wide) and the backbone feature cache.",
     )
     vision_max_image_bytes: int = Field(
-        6 * 1024 * 1024, ge=64, le=512 * 1024 * 1024, description="Larger uploads: RESOURCE_EXHAUSTED."
+        6 * 1024 * 1024,
+        ge=64,
+        le=64 * 1024 * 1024,
+        description="Larger uploads: INVALID_ARGUMENT naming the limit (the contract's is 64 MiB).",
     )
     vision_max_image_pixels: int = Field(
         40_000_000,

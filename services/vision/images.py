@@ -21,7 +21,7 @@ WHITE = (255, 255, 255)
 
 
 class ImageError(ValueError):
-    """Why an upload cannot be used; ``too_large`` marks a size limit (RESOURCE_EXHAUSTED)."""
+    """Why an upload cannot be used; ``too_large`` marks a size limit (counted apart in metrics)."""
 
     def __init__(self, reason: str, too_large: bool = False) -> None:
         super().__init__(reason)

@@ -105,9 +105,11 @@ def chat_settings(prepared: Prepared, state_dir: Path, **overrides: Any) -> Chat
 
 
 def running(
-    settings: ChatSettings,
+    settings: ChatSettings, admin: bool = False
 ) -> AbstractAsyncContextManager[tuple[Server, chat_pb2_grpc.ChatServiceStub]]:
-    return serving(settings, ChatService, chat_pb2_grpc.ChatServiceStub)
+    """``admin``: with the internal token, the stub calling as an admin for the request's ``user_id``
+    (UpsertKnowledge needs it); otherwise no token, and the request's ``user_id`` is the caller's."""
+    return serving(settings, ChatService, chat_pb2_grpc.ChatServiceStub, admin=admin)
 
 
 async def converse(

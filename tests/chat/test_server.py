@@ -11,13 +11,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cbec.chat.v1 import chat_pb2
+from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
 from cbec.common.v1 import common_pb2
 from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.chat.server import ChatService
 from services.runtime.errors import field_violations
 from tests.chat.conftest import Prepared, chat_settings, converse, open_store, running
+from tests.support import serving
 
 
 async def test_health_and_article_answer_in_the_customers_language(settings, stub) -> None:
@@ -185,14 +187,39 @@ async def test_bad_messages(stub) -> None:
             await converse(stub, bad, market="Germany" if field == "market" else "")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in field_violations(err.value)] == [field]
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await converse(stub, "x" * 1_000_000)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for size in (4001, 1_000_000):  # a per-request limit: INVALID_ARGUMENT (HTTP 400), never 429
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await converse(stub, "x" * size)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ((field, description),) = field_violations(err.value)
+        assert field == "message" and "4000" in description and str(size) in description
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # C0 controls never reach the assistant
+        await converse(stub, "where is my order\x1b[2J\x00")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["message"]
     with pytest.raises(grpc.aio.AioRpcError) as err:  # past the transport limit (8 MiB)
         await converse(stub, "x" * 9_000_000)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     _, ok = await converse(stub, "still answering? how long is shipping to Japan")
     assert ok.answer
+
+
+async def test_stricter_settings_are_invalid_argument_too(prepared: Prepared, state_dir: Path) -> None:
+    """A configured limit below the contract's is a per-request limit as well, so INVALID_ARGUMENT."""
+    settings = chat_settings(prepared, state_dir, max_message_chars=100, max_articles_per_upsert=1)
+    article = chat_pb2.Article(article_id="a", topic="t", language="en", title="T", body="B")
+    async with running(settings) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await converse(stub, "y" * 101)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(err.value)[0][0] == "message"
+    async with serving(settings, ChatService, chat_pb2_grpc.ChatServiceStub, admin=True) as (_, stub):
+        for n, limit in ((2, "1"), (501, "500")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[article] * n))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            ((field, description),) = field_violations(err.value)
+            assert field == "articles" and f"at most {limit} items" in description
 
 
 async def test_pii_never_reaches_the_logs(stub, caplog: pytest.LogCaptureFixture) -> None:
@@ -254,3 +281,27 @@ async def test_product_copy_templates_where_no_llm_serves_the_language(stub) -> 
         await stub.GenerateProductCopy(chat_pb2.GenerateProductCopyRequest(target_language="german"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {f for f, _ in field_violations(err.value)} == {"product.name", "target_language"}
+
+
+async def test_product_copy_carries_no_bidi_overrides_or_escapes(stub) -> None:
+    """Bidi overrides and isolates pass the contract (they are not control characters) but never reach
+    a listing; escapes and NUL are refused at the door."""
+    product = chat_pb2.ProductAttributes(
+        name="Scarf \u202egnp.exe\u202c",
+        category="Acc\u2066essories\u2069",
+        attributes={"color": "Red\u202d"},
+    )
+    r = await stub.GenerateProductCopy(
+        chat_pb2.GenerateProductCopyRequest(product=product, target_language="en", target_market="GB")
+    )
+    text = " ".join([r.title, *r.bullets, r.description])
+    assert "Scarf gnp.exe" in r.title and "Red" in r.title
+    assert not any(ch in text for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\x00\x1b")
+    for name in ("Scarf\x1b[31m", "Scarf\x00"):
+        bad = chat_pb2.ProductAttributes(name=name)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GenerateProductCopy(
+                chat_pb2.GenerateProductCopyRequest(product=bad, target_language="en", target_market="GB")
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in field_violations(err.value)] == ["product.name"]

@@ -163,11 +163,16 @@ class Suite:
         return self.cluster.of(component)
 
     def channel(self, pod: Pod) -> grpc.aio.Channel:
-        """A channel to one pod, per event loop (each test has its own loop)."""
+        """A channel to one pod, per event loop (each test has its own loop), as the gateway calls it:
+        mutual TLS with the gateway's certificate and the internal token (ChartCluster.channel)."""
         key = f"{pod.name}/{id(asyncio.get_running_loop())}"
         if key not in self._channels:
-            self._channels[key] = grpc.aio.insecure_channel(pod.address())
+            self._channels[key] = self.cluster.channel(pod)
         return self._channels[key]
+
+    def as_user(self, user: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata of a trusted caller acting for ``user`` (what the gateway sends for a shopper)."""
+        return self.cluster.identity(user)
 
     async def close(self) -> None:
         """Close this loop's channels."""
@@ -298,7 +303,8 @@ class Suite:
             user_id=f"ce-{uuid.uuid4().hex[:8]}", message="Do you ship to Spain?"
         )
         result = None
-        async for chunk in self.stub(pods[writer]).Converse(request, timeout=30):
+        who = self.as_user(request.user_id)
+        async for chunk in self.stub(pods[writer]).Converse(request, timeout=30, metadata=who):
             if chunk.HasField("result"):
                 result = chunk.result
         assert result is not None and result.session_id
@@ -306,7 +312,7 @@ class Suite:
         async def everywhere() -> bool:
             for pod in pods:
                 got = await self.stub(pod).GetSession(
-                    chat_pb2.GetSessionRequest(session_id=result.session_id), timeout=5
+                    chat_pb2.GetSessionRequest(session_id=result.session_id), timeout=5, metadata=who
                 )
                 if len(got.session.turns) < 2:
                     return False
@@ -329,7 +335,7 @@ class Suite:
             )
             try:
                 result = None
-                async for chunk in self.stub(pod).Converse(request, timeout=30):
+                async for chunk in self.stub(pod).Converse(request, timeout=30, metadata=self.as_user(user)):
                     if chunk.HasField("result"):
                         result = chunk.result
                 assert result is not None
@@ -338,7 +344,7 @@ class Suite:
                 session_id = result.session_id
                 other = pods[(turn + 1) % len(pods)]
                 got = await self.stub(other).GetSession(
-                    chat_pb2.GetSessionRequest(session_id=session_id), timeout=5
+                    chat_pb2.GetSessionRequest(session_id=session_id), timeout=5, metadata=self.as_user(user)
                 )
                 customer_turns = [t for t in got.session.turns if t.role == chat_pb2.ROLE_CUSTOMER]
                 if len(customer_turns) < min(turn + 1, 10):
@@ -497,7 +503,8 @@ class Suite:
                 pods = self.pods("chat")
                 request = chat_pb2.ConverseRequest(user_id=f"kl-{run}", message="Where is my parcel?")
                 session_id = None
-                async for chunk in self.stub(pods[n % len(pods)]).Converse(request, timeout=10):
+                who = self.as_user(request.user_id)
+                async for chunk in self.stub(pods[n % len(pods)]).Converse(request, timeout=10, metadata=who):
                     if chunk.HasField("result"):
                         session_id = chunk.result.session_id
                 return session_id

@@ -70,7 +70,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
             "vision": {"gpu": {"count": 2}},
             "gateway": {
                 "secretEnv": [{"name": "CBEC_API_KEYS_SHA256", "secretName": "gw-keys", "key": "keys"}],
-                "secretMounts": [{"name": "tls", "secretName": "cbec-tls", "mountPath": "/etc/cbec/tls"}],
+                "secretMounts": [{"name": "jwt", "secretName": "cbec-jwt", "mountPath": "/etc/cbec/jwt"}],
             },
         },
         "monitoring": {
@@ -197,6 +197,14 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         }
     },
     "readme: model version in values [6]": {"services": {"risk": {"modelVersion": "20261129T030512123456Z"}}},
+    "tls: cert-manager": {
+        "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "cbec-ca", "kind": "ClusterIssuer"}}}
+    },
+    "tls: existing Secrets and token": {
+        "tls": {"existingSecrets": {name: f"own-{name}-tls" for name in ALL_SERVICES}},
+        "auth": {"internalToken": {"existingSecret": "own-token", "key": "secret"}},
+    },
+    "tls: off": {"tls": {"enabled": False}},
     "readme: network policy peers [8]": {
         "networkPolicy": {
             "gatewayFrom": [
@@ -302,14 +310,34 @@ def test_one_deployment_and_service_per_service(default_chart: Rendered) -> None
     }
 
 
-def test_native_grpc_probes_and_startup_budget(default_chart: Rendered) -> None:
+def test_grpc_health_probes_and_startup_budget(default_chart: Rendered, combos: dict[str, Rendered]) -> None:
+    """Native gRPC probes where the port takes them; with mutual TLS (a client certificate, which the
+    kubelet's gRPC probe cannot present) the runtime's probe client with the pod's own certificate."""
     for name in ALL_SERVICES:
         c = container(default_chart.deployment(name))
         port = DEFAULT_PORTS[name][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": port}, (name, probe)
+            if name == "gateway":  # its ports are the public API, without client certificates
+                assert c[probe]["grpc"] == {"port": port}, (name, probe)
+                assert c[probe]["timeoutSeconds"] == 2
+                continue
+            command = c[probe]["exec"]["command"]
+            assert command[:4] == ["python", "-m", "services.runtime.probe", f"127.0.0.1:{port}"]
+            args = dict(zip(command[4::2], command[5::2], strict=True))
+            assert args == {
+                "--timeout": "2",
+                "--tls-ca": "/etc/cbec/tls/ca.crt",
+                "--tls-cert": "/etc/cbec/tls/tls.crt",
+                "--tls-key": "/etc/cbec/tls/tls.key",
+                "--tls-server-name": f"shop-cbec-{name}.cbec.svc.cluster.local",
+            }
+            assert c[probe]["timeoutSeconds"] == 5  # the call's 2 s and the interpreter's start
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    for name in ALL_SERVICES:
+        c = container(combos["tls: off"].deployment(name))
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": DEFAULT_PORTS[name][0]}, (name, probe)
     slow = helm_template({"services": {"chat": {"startupTimeoutSeconds": 1805}}})
     startup = container(slow.deployment("chat"))["startupProbe"]
     assert startup["failureThreshold"] == 181  # ceil(1805 / 10)
@@ -476,9 +504,9 @@ def test_models_from_an_object_store_through_an_init_container(combos: dict[str,
 def test_secrets_come_from_kubernetes_secrets_never_values(combos: dict[str, Rendered]) -> None:
     gateway = container(combos["everything"].deployment("gateway"))
     assert env_of(gateway)["CBEC_API_KEYS_SHA256"] == {"secretKeyRef": {"name": "gw-keys", "key": "keys"}}
-    assert {"name": "secret-tls", "mountPath": "/etc/cbec/tls", "readOnly": True} in gateway["volumeMounts"]
+    assert {"name": "secret-jwt", "mountPath": "/etc/cbec/jwt", "readOnly": True} in gateway["volumeMounts"]
     volumes = combos["everything"].deployment("gateway")["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "secret-tls", "secret": {"secretName": "cbec-tls", "defaultMode": 0o440}} in volumes
+    assert {"name": "secret-jwt", "secret": {"secretName": "cbec-jwt", "defaultMode": 0o440}} in volumes
     assert env_of(gateway)["CBEC_ENV"] == "prod"
     ok = helm_template({"services": {"gateway": {"env": {"CBEC_API_KEYS_FILE": "/etc/cbec/keys/keys.json"}}}})
     assert env_of(container(ok.deployment("gateway")))["CBEC_API_KEYS_FILE"] == "/etc/cbec/keys/keys.json"

@@ -99,6 +99,15 @@ def suite_pod_specs(rendered: Rendered) -> Iterator[tuple[str, str, dict[str, An
             yield kind, name, spec
 
 
+def state_secrets(rendered: Rendered) -> list[dict[str, Any]]:
+    """The chart's Secrets for the stores' passwords (not its TLS and internal-token Secrets)."""
+    return [
+        s
+        for s in rendered.of_kind("Secret")
+        if s["metadata"]["labels"].get("app.kubernetes.io/component") == "state"
+    ]
+
+
 def jobs(rendered: Rendered) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in rendered.of_kind("Job")}
 
@@ -266,7 +275,7 @@ def test_embedded_backend_gives_each_stateful_service_its_own_volume(renders: di
     assert rendered.deployment("gateway")["spec"]["strategy"]["type"] == "RollingUpdate"
     assert rendered.deployment("gateway")["spec"]["replicas"] == 2  # stateless: replicas are fine
     assert not rendered.of_kind("StatefulSet")
-    assert not rendered.of_kind("Secret")
+    assert not state_secrets(rendered)
     # the shared backend: no state claims, rolling updates
     default = renders["default"]
     assert [c["metadata"]["name"] for c in default.of_kind("PersistentVolumeClaim")] == ["shop-cbec-models"]
@@ -341,7 +350,7 @@ def test_passwords_only_from_secret_key_refs(renders: dict[str, Rendered]) -> No
         "secretKeyRef": {"name": "shop-cbec-state", "key": "redis-password"}
     }
     # the generated passwords appear in the Secret and nowhere else
-    [secret] = renders["default"].of_kind("Secret")
+    [secret] = state_secrets(renders["default"])
     for value in secret["data"].values():
         password = base64.b64decode(value).decode()
         assert len(password) >= 32
@@ -352,7 +361,7 @@ def test_passwords_only_from_secret_key_refs(renders: dict[str, Rendered]) -> No
 def test_external_stores_with_existing_secrets(renders: dict[str, Rendered]) -> None:
     rendered = renders["external stores"]
     assert not rendered.of_kind("StatefulSet")
-    assert not rendered.of_kind("Secret")
+    assert not state_secrets(rendered)
     assert not [
         s for s in rendered.of_kind("Service") if s["metadata"]["name"].endswith(("-postgres", "-redis"))
     ]
@@ -416,7 +425,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(renders: dict[str,
 
 def test_bundled_postgres_and_redis(renders: dict[str, Rendered]) -> None:
     rendered = renders["default"]
-    [secret] = rendered.of_kind("Secret")
+    [secret] = state_secrets(rendered)
     assert secret["metadata"]["name"] == "shop-cbec-state"
     assert set(secret["data"]) == {"postgres-password", "redis-password"}
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -477,7 +486,7 @@ def test_bundled_postgres_and_redis(renders: dict[str, Rendered]) -> None:
     assert env_of(postgres)["PGDATA"].startswith("/var/lib/postgresql/data/")
     # an existing Secret for one store: the chart's Secret keeps only the other's key
     gpu = renders["gpu training"]
-    [secret] = gpu.of_kind("Secret")
+    [secret] = state_secrets(gpu)
     assert set(secret["data"]) == {"postgres-password"}
     redis = gpu.get("StatefulSet", "shop-cbec-redis")["spec"]["template"]["spec"]["containers"][0]
     assert "always" in redis["args"]
@@ -556,10 +565,14 @@ def helm_secret(name: str, data: dict[str, str], labels: dict[str, str]) -> dict
 
 
 def helm_upgrade(
-    tmp_path: Path, values: dict[str, Any], stored_passwords: dict[str, str]
+    tmp_path: Path,
+    values: dict[str, Any],
+    stored_passwords: dict[str, str],
+    stored: tuple[dict[str, Any], ...] = (),
 ) -> tuple[int, Rendered]:
     """`helm upgrade --dry-run=server` of release shop (revision 1 deployed, the state Secret holding
-    these passwords): the new revision and its manifests."""
+    these passwords, and the ``stored`` Secrets of that release, for `lookup`): the new revision and
+    its manifests."""
     release = {
         "name": "shop",
         "namespace": "cbec",
@@ -585,6 +598,8 @@ def helm_upgrade(
         "/api/v1/namespaces/cbec/secrets": {"kind": "SecretList", "apiVersion": "v1", "items": [history]},
         "/api/v1/namespaces/cbec/secrets/shop-cbec-state": state,
     }
+    for secret in stored:
+        FakeApiServer.objects[f"/api/v1/namespaces/cbec/secrets/{secret['metadata']['name']}"] = secret
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -636,7 +651,7 @@ def test_an_upgrade_keeps_the_passwords_and_starts_a_new_training_job(tmp_path: 
     values = {"services": {"risk": {"training": {"enabled": True, "schedule": "@weekly"}}}}
     revision, upgraded = helm_upgrade(tmp_path, values, {"postgres-password": "the-one-initdb-used"})
     assert revision == 2
-    [secret] = upgraded.of_kind("Secret")
+    [secret] = state_secrets(upgraded)
     assert base64.b64decode(secret["data"]["postgres-password"]) == b"the-one-initdb-used"
     assert len(base64.b64decode(secret["data"]["redis-password"])) == 32
     assert [j["metadata"]["name"] for j in upgraded.of_kind("Job")] == ["shop-cbec-risk-train-2"]
@@ -644,7 +659,7 @@ def test_an_upgrade_keeps_the_passwords_and_starts_a_new_training_job(tmp_path: 
     # the first install (and helm template): revision 1, fresh random passwords each time
     first, second = (helm_template(values) for _ in range(2))
     assert [j["metadata"]["name"] for j in first.of_kind("Job")] == ["shop-cbec-risk-train-1"]
-    a, b = (r.of_kind("Secret")[0]["data"]["postgres-password"] for r in (first, second))
+    a, b = (state_secrets(r)[0]["data"]["postgres-password"] for r in (first, second))
     assert a != b
 
 

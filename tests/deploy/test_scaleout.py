@@ -13,7 +13,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from cbec.risk.v1 import risk_pb2_grpc
 
 from tests.deploy.chart_run import ROOT, writable_by_pod_user
 from tests.deploy.scaleout import STATEFUL, Suite, eventually, png, running_embedded, running_suite
@@ -49,13 +51,55 @@ def test_pods_run_as_the_chart_says(suite: Suite) -> None:
                 "postgresql://"
             )
     chat = suite.pods("chat")[0]
-    sentiment_ips = {p.ip for p in suite.pods("sentiment")}
-    assert {
-        a.split(":")[0] for a in chat.env["CBEC_SENTIMENT_ADDR"].removeprefix("ipv4:").split(",")
-    } == sentiment_ips
+    sentiment = suite.pods("sentiment")
+    target = chat.env["CBEC_SENTIMENT_ADDR"]  # the Service's name, resolved by the harness's DNS
+    assert target == f"dns://{suite.cluster.dns.address}/{sentiment[0].service_host}:50053", target
+    assert set(suite.cluster.dns.table[sentiment[0].service_host]) == {p.ip for p in sentiment}
+    # Certificates and the token: files of the pod's read-only Secret volumes, as the kubelet writes them.
+    for pod in [p for p in suite.cluster.pods if p.component != "gateway"]:
+        for var in (
+            "CBEC_TLS_CERT_FILE",
+            "CBEC_TLS_KEY_FILE",
+            "CBEC_TLS_CLIENT_CA_FILE",
+            "CBEC_INTERNAL_TOKEN_FILE",
+        ):
+            path = Path(pod.env[var])
+            assert path.is_file() and pod.pod_dir in path.parents, (pod.name, var, path)
+            assert not writable_by_pod_user(path.parent), (pod.name, path)
+    for pod in suite.pods("gateway") + suite.pods("chat"):
+        assert Path(pod.env["CBEC_BACKEND_TLS_CERT_FILE"]).is_file(), pod.name
     assert not list(ROOT.glob("var/**/*.sqlite3*")) or all(
         p.stat().st_uid != 10001 for p in ROOT.glob("var/**/*")
     ), "a pod wrote under the code directory"
+
+
+async def test_services_demand_the_client_certificate_and_the_internal_token(s: Suite) -> None:
+    """Each service's port is mutual TLS with the rendered certificate: a caller needs a client
+    certificate of the chart's CA, and then the internal token."""
+    from cbec.risk.v1 import risk_pb2
+
+    (risk, *_) = s.pods("risk")
+    files = s.cluster.workload_secret("gateway", "tls")
+    request = risk_pb2.ScoreTransactionRequest(transaction=s.card_sequence(time.time(), 1, 1)[0])
+    options = [("grpc.ssl_target_name_override", risk.service_host)]
+    server_only = grpc.ssl_channel_credentials(files["ca.crt"].encode())
+    async with grpc.aio.secure_channel(risk.address(), server_only, options=options) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # no client certificate: no handshake
+            await risk_pb2_grpc.RiskServiceStub(channel).ScoreTransaction(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    async with grpc.aio.insecure_channel(risk.address()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # plaintext
+            await risk_pb2_grpc.RiskServiceStub(channel).ScoreTransaction(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    mutual = grpc.ssl_channel_credentials(
+        files["ca.crt"].encode(), files["tls.key"].encode(), files["tls.crt"].encode()
+    )
+    async with grpc.aio.secure_channel(risk.address(), mutual, options=options) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the gateway's certificate, no token
+            await risk_pb2_grpc.RiskServiceStub(channel).ScoreTransaction(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = await s.stub(risk).ScoreTransaction(request, timeout=10)  # certificate and token
+    assert 0 <= reply.assessment.fraud_probability <= 1
 
 
 async def test_an_interaction_changes_every_replicas_recommendations(s: Suite) -> None:
@@ -186,8 +230,11 @@ async def _embedded_round_trip(suite: Suite) -> None:
         assert (await suite.stub(vision).IndexProducts(one(), timeout=30)).indexed_count == 1
         (chat,) = suite.pods("chat")
         session_id = ""
+        who = suite.as_user("restart-user")
         async for chunk in suite.stub(chat).Converse(
-            chat_pb2.ConverseRequest(user_id="restart-user", message="Do you ship to Spain?"), timeout=30
+            chat_pb2.ConverseRequest(user_id="restart-user", message="Do you ship to Spain?"),
+            timeout=30,
+            metadata=who,
         ):
             if chunk.HasField("result"):
                 session_id = chunk.result.session_id
@@ -212,7 +259,9 @@ async def _embedded_round_trip(suite: Suite) -> None:
             vision_pb2.SearchByImageRequest(image=image, k=3), timeout=10
         )
         assert "restart-v1" in {m.product_id for m in found.matches}
-        got = await suite.stub(chat).GetSession(chat_pb2.GetSessionRequest(session_id=session_id), timeout=10)
+        got = await suite.stub(chat).GetSession(
+            chat_pb2.GetSessionRequest(session_id=session_id), timeout=10, metadata=who
+        )
         assert len(got.session.turns) >= 2
         (risk,) = suite.pods("risk")
         state_files = await asyncio.to_thread(os.listdir, risk.env["CBEC_STATE_DIR"])

@@ -263,6 +263,8 @@ async def test_body_over_the_limit_is_413(make_gateway: Any) -> None:
         async with http.post("/v1/recommender/recommend", data=big) as resp:
             body = await resp.json()
             assert resp.status == 413 and details_of(body, "ErrorInfo")[0]["reason"] == "REQUEST_TOO_LARGE"
+            # A limit of the request, not load: INVALID_ARGUMENT naming the limit, never 429.
+            assert body["code"] == 3 and "2048 bytes" in body["message"]
 
         async def chunks() -> Any:  # no Content-Length: refused while reading
             for _ in range(10):

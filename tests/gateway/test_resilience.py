@@ -215,3 +215,238 @@ async def test_chaos_kill_and_restart_a_backend_under_load(backend_process: Any,
     assert any(o == "partial" for t, o in outcomes if killed_at < t < restarted_at)
     assert recovered is not None, "the gateway did not recover on its own"
     assert recovered - restarted_at < 6
+
+
+# --- breakers see only backend health; fair share per key (issue 15) -------------------------------
+TX = {
+    "transactionId": "t-9",
+    "userId": "u-42",
+    "ipCountry": "BR",
+    "billingCountry": "DE",
+    "amount": 129.9,
+    "currency": "EUR",
+    "occurredTime": "2026-11-29T10:00:00Z",
+}
+
+
+async def post_as(gw: Any, headers: dict[str, str], path: str, body: Any) -> tuple[int, dict[str, Any], Any]:
+    async with (
+        aiohttp.ClientSession(base_url=gw.http_url, headers=headers) as http,
+        http.post(path, json=body) as resp,
+    ):
+        return resp.status, await resp.json(), resp.headers
+
+
+async def eventually(check: Any, what: str, within_s: float = 10.0) -> None:
+    """Wait for a condition that other tasks bring about (a bound for a hung test, not a timing check)."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.01)
+
+
+def reason_of(body: dict[str, Any]) -> dict[str, Any]:
+    return next(d for d in body["details"] if d["@type"].endswith("ErrorInfo"))
+
+
+async def test_client_errors_never_open_the_breaker(make_gateway: Any, recorder: Recorder) -> None:
+    gw = await make_gateway(breaker_failure_threshold=2, retry_max_attempts=1)
+    client_errors = [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.OUT_OF_RANGE, 400),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.FAILED_PRECONDITION, 400),
+        (grpc.StatusCode.ALREADY_EXISTS, 409),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),  # a per-request limit: no RetryInfo, not shedding
+    ]
+    for code, http_status in client_errors:
+        recorder.fail("Recommend", code)
+        for _ in range(4):
+            status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+            assert status == http_status, code
+        assert gw.service.backends["recommender"].breaker.state == CLOSED, code
+    recorder.clear()
+    status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+    assert status == 200
+
+
+async def test_a_deadline_the_client_chose_never_opens_the_breaker(
+    make_gateway: Any, recorder: Recorder
+) -> None:
+    gw = await make_gateway(breaker_failure_threshold=2, retry_max_attempts=1)
+    risk = gw.service.backends["risk"]
+    # too short to be usable: refused at once, the backend is never called
+    for _ in range(5):
+        status, body, _ = await call_with(gw, "/v1/risk/score", {"transaction": TX}, {"grpc-timeout": "1n"})
+        assert status == 504 and body["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert recorder.of("ScoreTransaction") == [] and risk.breaker.state == CLOSED
+    # usable, but shorter than the gateway's own timeout for risk (2 s): the backend runs out of it
+    recorder.delay("ScoreTransaction", 0.5)
+    for _ in range(3):
+        status, _, _ = await call_with(gw, "/v1/risk/score", {"transaction": TX}, {"grpc-timeout": "50m"})
+        assert status == 504
+    assert len(recorder.of("ScoreTransaction")) == 3 and risk.breaker.state == CLOSED
+    recorder.clear()
+    status, _, _ = await call(gw, "/v1/gateway/assess-order", {"order": TX})
+    assert status == 200
+
+
+async def test_the_gateways_own_timeout_does_count(make_gateway: Any, recorder: Recorder) -> None:
+    gw = await make_gateway(breaker_failure_threshold=2, retry_max_attempts=1, backend_timeouts={"risk": 0.1})
+    recorder.delay("ScoreTransaction", 0.5)
+    for _ in range(2):  # no caller deadline: the aggregation gives risk its own 0.1 s
+        status, body, _ = await call(gw, "/v1/gateway/assess-order", {"order": TX})
+        assert status == 503 and "DEADLINE_EXCEEDED" in body["message"]
+    assert gw.service.backends["risk"].breaker.state == OPEN
+
+
+async def call_with(
+    gw: Any, path: str, body: Any, headers: dict[str, str]
+) -> tuple[int, dict[str, Any], Any]:
+    return await post_as(gw, {"x-api-key": FULL_KEY, **headers}, path, body)
+
+
+async def test_internal_errors_from_one_key_do_not_open_the_breaker_from_two_they_do(
+    make_gateway: Any, recorder: Recorder
+) -> None:
+    from tests.gateway.conftest import make_jwt
+
+    gw = await make_gateway(breaker_failure_threshold=3, retry_max_attempts=1)
+    risk = gw.service.backends["risk"]
+    recorder.fail("ScoreTransaction", grpc.StatusCode.INTERNAL)  # e.g. an input that crashes risk
+    for _ in range(20):
+        status, _, _ = await call(gw, "/v1/risk/score", {"transaction": TX})
+        assert status == 500
+    assert risk.breaker.state == CLOSED
+    recorder.clear()
+    status, _, _ = await call(gw, "/v1/gateway/assess-order", {"order": TX})
+    assert status == 200, "checkout still works for everyone"
+    # risk really is broken: another principal sees it too
+    recorder.fail("ScoreTransaction", grpc.StatusCode.INTERNAL)
+    for _ in range(2):
+        status, _, _ = await call(gw, "/v1/risk/score", {"transaction": TX})
+        assert status == 500
+    other = {"Authorization": f"Bearer {make_jwt('risk gateway', sub='u-42')}"}
+    status, body, _ = await post_as(gw, other, "/v1/risk/score", {"transaction": TX})
+    assert status == 500 and risk.breaker.state == OPEN, body
+    status, body, _ = await call(gw, "/v1/risk/score", {"transaction": TX})
+    assert status == 503 and "circuit open" in body["message"]
+
+
+async def test_a_dead_backend_opens_the_breaker(make_gateway: Any) -> None:
+    from tests.gateway.conftest import free_port
+
+    gw = await make_gateway(
+        {"risk": f"127.0.0.1:{free_port()}"}, breaker_failure_threshold=2, retry_max_attempts=1
+    )
+    for _ in range(2):
+        status, _, _ = await call(gw, "/v1/risk/score", {"transaction": TX})
+        assert status == 503
+    assert gw.service.backends["risk"].breaker.state == OPEN
+    status, body, _ = await call(gw, "/v1/risk/score", {"transaction": TX})
+    assert status == 503 and "circuit open" in body["message"]
+
+
+async def test_a_shedding_backend_trips_only_its_own_breaker(
+    models_dir: Path, recorder: Recorder, make_gateway: Any
+) -> None:
+    sentiment = make_server("sentiment", models_dir, recorder, max_concurrent_calls=1)
+    await sentiment.start()
+    try:
+        gw = await make_gateway(
+            {"sentiment": f"127.0.0.1:{sentiment.grpc_port}"}, breaker_failure_threshold=2
+        )
+        recorder.delay("GetMarketReport", 2.0)
+        report = {"productId": "sku-001"}
+        busy = asyncio.create_task(call(gw, "/v1/sentiment/market-report", report))
+        await eventually(lambda: recorder.of("GetMarketReport"), "the first call holds sentiment's one slot")
+        for _ in range(2):  # shed by the backend (retried by gRPC within the budget, shed again)
+            status, body, headers = await call(gw, "/v1/sentiment/market-report", report)
+            assert status == 429 and "Retry-After" in headers, body
+        backends = gw.service.backends
+        assert backends["sentiment"].breaker.state == OPEN
+        assert all(backends[n].breaker.state == CLOSED for n in ("recommender", "risk", "vision", "chat"))
+        status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+        assert status == 200
+        status, _, _ = await busy
+        assert status == 200
+    finally:
+        await sentiment.stop(grace=0)
+
+
+async def test_the_gateways_own_rate_limit_is_no_backend_failure(
+    make_gateway: Any, recorder: Recorder
+) -> None:
+    from tests.gateway.conftest import SLOW_KEY
+
+    gw = await make_gateway(breaker_failure_threshold=1)
+    statuses = [
+        (await post_as(gw, {"x-api-key": SLOW_KEY}, "/v1/recommender/recommend", {"userId": "u-1"}))[0]
+        for _ in range(8)
+    ]
+    assert 429 in statuses and set(statuses) <= {200, 429}
+    assert gw.service.backends["recommender"].breaker.state == CLOSED
+    assert len(recorder.of("Recommend")) == statuses.count(200)
+
+
+async def test_fair_share_refuses_the_greedy_key_while_another_key_gets_through(
+    make_gateway: Any, recorder: Recorder
+) -> None:
+    from tests.gateway.conftest import RECOMMENDER_KEY
+
+    gw = await make_gateway(backend_max_in_flight=2, backend_min_share=1)
+    recommender = gw.service.backends["recommender"]
+    recorder.delay("Recommend", 2.0)
+    greedy = [
+        asyncio.create_task(call(gw, "/v1/recommender/recommend", {"userId": f"u-{i}"})) for i in range(2)
+    ]
+    await eventually(lambda: len(recorder.of("Recommend")) == 2, "the greedy key fills the backend")
+    status, body, headers = await call(gw, "/v1/recommender/recommend", {"userId": "u-3"})
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    info = reason_of(body)
+    assert info["reason"] == "FAIR_SHARE_EXCEEDED" and info["metadata"]["backend"] == "recommender"
+    # another key still gets the same backend (SimilarItems is not delayed)
+    other = {"x-api-key": RECOMMENDER_KEY}
+    status, reply, _ = await post_as(
+        gw, other, "/v1/recommender/similar-items", {"itemId": "sku-001", "k": 2}
+    )
+    assert status == 200 and len(reply["items"]) == 2
+    assert [(await task)[0] for task in greedy] == [200, 200]
+    assert recommender.fair.in_flight == 0 and recommender.fair.active == 0
+    assert recommender.breaker.state == CLOSED, "a fair-share refusal is no backend failure"
+
+
+async def test_fair_share_slots_are_released_however_a_call_ends(gw: Any, recorder: Recorder) -> None:
+    from cbec.chat.v1 import chat_pb2
+    from cbec.recommender.v1 import recommender_pb2
+
+    chat, recommender = gw.service.backends["chat"], gw.service.backends["recommender"]
+    methods = gw.service.routes.methods
+    converse = methods["cbec.chat.v1.ChatService/Converse"]
+    recommend = methods["cbec.recommender.v1.RecommenderService/Recommend"]
+    # a stream that ends normally
+    call_, _ = chat.stream(converse, chat_pb2.ConverseRequest(message="hello"), 5.0)
+    assert chat.fair.in_flight == 1
+    async for _ in call_:
+        pass
+    await eventually(lambda: chat.fair.in_flight == 0, "the finished stream's slot is free")
+    # a stream its caller cancels while the backend still thinks
+    recorder.delay("Converse", 30)
+    call_, _ = chat.stream(converse, chat_pb2.ConverseRequest(message="hello"), 60.0)
+    await eventually(lambda: recorder.of("Converse")[1:], "the stream reaches chat")
+    call_.cancel()
+    await eventually(lambda: chat.fair.in_flight == 0, "the cancelled stream's slot is free")
+    # a unary call whose task is cancelled
+    recorder.delay("Recommend", 30)
+    task = asyncio.create_task(
+        recommender.unary(recommend, recommender_pb2.RecommendRequest(user_id="u-1"), 60)
+    )
+    await eventually(lambda: recorder.of("Recommend"), "the call reaches recommender")
+    assert recommender.fair.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert recommender.fair.in_flight == 0
+    assert chat.breaker.state == CLOSED and recommender.breaker.state == CLOSED

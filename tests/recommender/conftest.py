@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ from services.recommender.train import Prepared, TrainConfig, embed_catalogue, p
 from services.runtime.device import Device
 from services.runtime.model_store import ModelStore
 from services.runtime.server import Server
-from tests.support import local_settings
+from tests.support import local_settings, trusted_channel, with_token
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -74,7 +73,8 @@ def settings_for(models_dir: Path, tmp: Path, cache: Path, **overrides: Any) -> 
 async def server(shop: Shop, tmp_path: Path) -> AsyncIterator[Server]:
     from services.recommender.server import RecommenderService
 
-    srv = Server(settings_for(shop.models_dir, tmp_path, shop.cache_path), RecommenderService)
+    # With the internal token, as deployed; the stub sends it with the admin scope (ForgetUser).
+    srv = Server(with_token(settings_for(shop.models_dir, tmp_path, shop.cache_path)), RecommenderService)
     await srv.start()
     yield srv
     await srv.stop(grace=1)
@@ -84,5 +84,5 @@ async def server(shop: Shop, tmp_path: Path) -> AsyncIterator[Server]:
 async def stub(server: Server) -> AsyncIterator[Any]:
     from cbec.recommender.v1 import recommender_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         yield recommender_pb2_grpc.RecommenderServiceStub(channel)

@@ -31,6 +31,7 @@ from services.runtime.state import PostgresDatabase
 from tests.recommender.conftest import Shop, settings_for
 from tests.recommender.test_process import start, wait_serving
 from tests.stores import PG_PASSWORD, PostgresServer, shared_fields, store_env
+from tests.support import trusted_channel, with_token
 
 DEADLINE_S = 30.0  # generous: the feed normally takes milliseconds; the goal is 1 s
 Stub = recommender_pb2_grpc.RecommenderServiceStub
@@ -55,10 +56,10 @@ async def replica(
     # No safety re-read within a test: only the change feed can carry a write to the other replica.
     overrides = {"fold_in_check_s": 3600.0, **overrides}
     settings = settings_for(shop.models_dir, tmp_path / name, shop.cache_path, **shared, **overrides)
-    server = Server(settings, RecommenderService)
+    server = Server(with_token(settings), RecommenderService)  # the stub may call ForgetUser
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             yield server, Stub(channel)
     finally:
         await server.stop(grace=1)

@@ -15,6 +15,7 @@ from cbec.recommender.v1 import recommender_pb2 as pb
 from services.runtime.errors import field_violations
 from services.runtime.server import Server
 from tests.recommender.conftest import Shop
+from tests.support import trusted_channel
 
 
 def history_of(shop: Shop, user: str) -> set[str]:
@@ -99,6 +100,39 @@ async def test_bad_recommend_requests_are_invalid_argument_with_field_violations
     stub: Any, request_kwargs: dict[str, Any], field: str
 ) -> None:
     await expect_invalid(stub.Recommend, pb.RecommendRequest(**request_kwargs), field)
+
+
+@pytest.mark.parametrize(
+    ("filters", "field", "words"),
+    [
+        (pb.RecommendFilters(categories=["c" * 10_000]), "filters.categories[0]", "256"),
+        (pb.RecommendFilters(categories=["c" * 250]), "filters.categories[0]", "unknown category"),
+        (pb.RecommendFilters(categories=[f"c{i}" for i in range(10_000)]), "filters.categories", "100"),
+        (pb.RecommendFilters(exclude_item_ids=[""] * 100_000), "filters.exclude_item_ids", "1000"),
+    ],
+    ids=["10KB-category", "long-unknown-category", "10k-categories", "100k-empty-exclusions"],
+)
+async def test_oversized_filters_are_a_bounded_invalid_argument(
+    stub: Any, filters: pb.RecommendFilters, field: str, words: str
+) -> None:
+    """Unbounded input once came back quoted whole: past gRPC's 16 KB trailer limit the client saw
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" with no field named."""
+    request = pb.RecommendRequest(user_id="u", k=5, filters=filters)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Recommend(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = field_violations(err.value)
+    assert violation[0] == field and words in violation[1] and len(violation[1]) <= 256
+    assert len(err.value.details()) <= 512
+
+
+async def test_a_huge_model_version_is_invalid_argument(server: Server) -> None:
+    async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        admin = common_pb2_grpc.ModelAdminServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version="v" * 1_000_000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["version"]
 
 
 async def test_several_violations_are_reported_together(stub: Any) -> None:
@@ -281,7 +315,7 @@ async def test_a_version_that_fails_to_load_leaves_the_previous_serving(server: 
         manifest = (broken / "manifest.json").read_text().replace(good, broken.name)
         (broken / "manifest.json").write_text(manifest)
         (broken / "model" / "model.json").write_text("{not json")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             admin = common_pb2_grpc.ModelAdminServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version=broken.name))

@@ -229,14 +229,65 @@ async def test_batch_violations_name_the_item(stub: risk_pb2_grpc.RiskServiceStu
 
 
 async def test_too_many_transactions(stub: risk_pb2_grpc.RiskServiceStub, server: Server) -> None:
-    """100k transactions in one call: RESOURCE_EXHAUSTED with a field violation, nothing scored."""
+    """100k transactions in one call: a per-request size limit, so INVALID_ARGUMENT (not the
+    RESOURCE_EXHAUSTED of load) naming the field and the limit; nothing scored."""
     one = good_transaction()
     request = risk_pb2.ScoreTransactionsRequest(transactions=[one] * 100_000)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ScoreTransactions(request)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert field_violations(err.value)[0][0] == "transactions"
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = field_violations(err.value)
+    assert violation[0] == "transactions" and "10000" in violation[1] and "100000" in violation[1]
     assert server.service.state.counts()["events"] == 0
+
+
+# --- client errors are never INTERNAL (issue 15) ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "Europe",
+        "America",
+        "x" * 256,
+        "Europe/",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "Europe/Berlin\x00",
+        ".",
+    ],
+)
+async def test_bad_time_zones_are_invalid_argument(stub: risk_pb2_grpc.RiskServiceStub, zone: str) -> None:
+    """A tzdata folder, an overlong name or a path made ``ZoneInfo`` raise (INTERNAL before)."""
+    violations = await invalid(stub, good_transaction(buyer_timezone=zone))
+    assert [f for f, _ in violations] == ["transaction.buyer_timezone"]
+    assert len(violations[0][1]) <= 256
+
+
+async def test_oversized_and_out_of_range_fields(stub: risk_pb2_grpc.RiskServiceStub) -> None:
+    violations = await invalid(stub, good_transaction(merchant_category="m" * 10_000_000))
+    assert violations[0][0] == "transaction.merchant_category" and "128" in violations[0][1]
+    for nanos in (-1, 1_000_000_000):
+        t = good_transaction()
+        t.occurred_time.nanos = nanos
+        violations = await invalid(stub, t)
+        assert [f for f, _ in violations] == ["transaction.occurred_time"] and "nanos" in violations[0][1]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(-(2**62), 0), (-62_135_596_800, 0), (4_200_000_000, 0), (1_700_000_000, -1), (1_700_000_000, 10**9)],
+    ids=["minus-2^62", "year-1", "year-2103", "negative-nanos", "nanos-overflow"],
+)
+async def test_outcome_times_out_of_range(
+    stub: risk_pb2_grpc.RiskServiceStub, server: Server, seconds: int, nanos: int
+) -> None:
+    """-2^62 s overflowed SQLite (INTERNAL) and year 1 was stored; both are refused now."""
+    request = risk_pb2.ReportOutcomeRequest(transaction_id="t-range", outcome=risk_pb2.OUTCOME_CHARGEBACK)
+    request.reported_time.seconds, request.reported_time.nanos = seconds, nanos
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ReportOutcome(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["reported_time"]
+    assert server.service.state.outcome("t-range") is None
 
 
 # --- rates ------------------------------------------------------------------------------------------------

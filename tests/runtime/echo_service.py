@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import wrappers_pb2 as w
 
+from services.runtime.access import caller
 from services.runtime.errors import InvalidArgument, Violation
 from services.runtime.model_store import Manifest, ModelSlot
 from services.runtime.server import Runtime, main
@@ -62,6 +63,20 @@ class EchoService:
             raise RuntimeError("secret internal detail")
         return w.StringValue(value=request.value)
 
+    async def who_am_i(self, request: w.StringValue, context: grpc.aio.ServicerContext) -> w.StringValue:
+        """The caller the runtime saw (``access.caller()``), as JSON."""
+        who = caller()
+        return w.StringValue(
+            value=json.dumps(
+                {
+                    "user": who.user,
+                    "principal": who.principal,
+                    "scopes": sorted(who.scopes),
+                    "trusted": who.trusted,
+                }
+            )
+        )
+
     async def sleep(self, request: w.DoubleValue, context: grpc.aio.ServicerContext) -> w.StringValue:
         self.computed += 1
         await asyncio.sleep(request.value)
@@ -97,6 +112,7 @@ class EchoService:
 
         handlers = {
             "Echo": uu(self.echo, w.StringValue, w.StringValue),
+            "WhoAmI": uu(self.who_am_i, w.StringValue, w.StringValue),
             "Sleep": uu(self.sleep, w.DoubleValue, w.StringValue),
             "Block": uu(self.block, w.DoubleValue, w.StringValue),
             "Predict": uu(self.predict, w.DoubleValue, w.DoubleValue),

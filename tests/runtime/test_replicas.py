@@ -15,6 +15,7 @@ from services.runtime.server import Server
 from tests.runtime.conftest import make_settings
 from tests.runtime.echo_service import EchoService, write_version
 from tests.stores import PG_PASSWORD
+from tests.support import token_file, trusted_channel
 
 
 def shared(models_dir: Path, url: str, **overrides: object) -> dict[str, object]:
@@ -24,6 +25,7 @@ def shared(models_dir: Path, url: str, **overrides: object) -> dict[str, object]
         database_url=url,
         database_password=PG_PASSWORD,
         redis_url="redis://127.0.0.1:9/0",  # unused by the echo service
+        internal_token_file=token_file(),  # admin calls need it
         **overrides,
     )
 
@@ -47,7 +49,7 @@ async def test_a_version_loaded_on_one_replica_is_served_by_every_replica(
     try:
         for r in replicas:
             assert r.service.slot.current.manifest.version == new
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{replicas[0].grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{replicas[0].grpc_port}") as channel:
             admin = common_pb2_grpc.ModelAdminServiceStub(channel)
             await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version=old), timeout=10)
         await serving(replicas[1], old)
@@ -55,7 +57,7 @@ async def test_a_version_loaded_on_one_replica_is_served_by_every_replica(
         await late.start()
         replicas.append(late)
         assert late.service.slot.current.manifest.version == old  # the choice outlives the call
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{late.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{late.grpc_port}") as channel:
             admin = common_pb2_grpc.ModelAdminServiceStub(channel)
             await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version=""), timeout=10)
         for r in replicas:
@@ -91,7 +93,7 @@ async def test_a_deployment_pin_refuses_a_shared_roll_out(tmp_path: Path, pg_url
     server = Server(make_settings(**shared(models, pg_url, model_version=old)), EchoService)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             admin = common_pb2_grpc.ModelAdminServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(version=new), timeout=10)

@@ -19,6 +19,7 @@ from services.runtime.errors import field_violations
 from services.runtime.server import Server
 from tests.runtime.conftest import EchoClient, ThreadedServer, make_settings
 from tests.runtime.echo_service import SERVICE, EchoService, write_version
+from tests.support import serving, token_file, trusted_channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,10 +37,10 @@ async def test_health_serving_once_model_loaded(channel: grpc.aio.Channel) -> No
 
 async def test_health_not_serving_without_model_then_admin_load(tmp_path: Path) -> None:
     models = tmp_path / "models"
-    srv = Server(make_settings(models), EchoService)
+    srv = Server(make_settings(models, internal_token_file=token_file()), EchoService)
     await srv.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        async with trusted_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
             assert await health_of(ch) == NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await EchoClient(ch).predict(w.DoubleValue(value=1.0))
@@ -178,23 +179,25 @@ async def test_metrics_endpoint(server: Server, client: EchoClient) -> None:
     assert 'model_queue_depth{model="echo"}' in body
 
 
-async def test_model_swap_and_failed_load_keeps_old(
-    server: Server, client: EchoClient, models_dir: Path
-) -> None:
-    admin = common_pb2_grpc.ModelAdminServiceStub(client.channel)
-    assert (await client.predict(w.DoubleValue(value=1.0))).value == 2.0
-    new = write_version(models_dir, 5.0)
-    response = await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(service="echo", version=new))
-    assert response.serving.version == new
-    assert (await client.predict(w.DoubleValue(value=1.0))).value == 5.0
-    broken = write_version(models_dir, 7.0, broken=True)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(service="echo", version=broken))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert (await client.predict(w.DoubleValue(value=1.0))).value == 5.0
-    status = await admin.GetModelStatus(common_pb2.GetModelStatusRequest(service="echo"))
-    assert status.serving.version == new
-    assert status.versions[0].version == broken
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await admin.GetModelStatus(common_pb2.GetModelStatusRequest(service="risk"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+async def test_model_swap_and_failed_load_keeps_old(models_dir: Path) -> None:
+    settings = make_settings(models_dir, internal_token_file=token_file())  # admin calls need it
+    async with serving(settings, EchoService, EchoClient, admin=True) as (_, client):
+        admin = common_pb2_grpc.ModelAdminServiceStub(client.channel)
+        assert (await client.predict(w.DoubleValue(value=1.0))).value == 2.0
+        new = write_version(models_dir, 5.0)
+        response = await admin.LoadModelVersion(
+            common_pb2.LoadModelVersionRequest(service="echo", version=new)
+        )
+        assert response.serving.version == new
+        assert (await client.predict(w.DoubleValue(value=1.0))).value == 5.0
+        broken = write_version(models_dir, 7.0, broken=True)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.LoadModelVersion(common_pb2.LoadModelVersionRequest(service="echo", version=broken))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await client.predict(w.DoubleValue(value=1.0))).value == 5.0
+        status = await admin.GetModelStatus(common_pb2.GetModelStatusRequest(service="echo"))
+        assert status.serving.version == new
+        assert status.versions[0].version == broken
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.GetModelStatus(common_pb2.GetModelStatusRequest(service="risk"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -89,12 +89,37 @@ async def test_bad_texts_name_their_fields(stub: object) -> None:
     assert "UTF-8" in v[0][1]
     huge = pb.AnalyzeRequest(texts=[pb.TextInput(text="x" * 2_000_000)])
     v = await fails(s.Analyze(huge), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
-    assert v[0][0] == "texts[0].text" and "2000000 bytes" in v[0][1]
+    assert v[0][0] == "texts[0].text" and "65536 characters" in v[0][1]
     v = await fails(s.Analyze(pb.AnalyzeRequest()), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
     assert v[0][0] == "texts"
     many = pb.AnalyzeRequest(texts=[pb.TextInput(text="ok")] * 10_000)
-    v = await fails(s.Analyze(many), grpc.StatusCode.RESOURCE_EXHAUSTED)  # type: ignore[attr-defined]
+    v = await fails(s.Analyze(many), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
     assert v[0][0] == "texts" and "10000" in v[0][1]
+
+
+async def test_size_limits_are_invalid_argument_naming_field_and_limit(stub: object) -> None:
+    """A per-request limit is a client error (HTTP 400), never the RESOURCE_EXHAUSTED (429) of load:
+    a client retrying on 429 would resend it forever. The fixture's setting (64 texts) is stricter
+    than the contract's 256 and is what applies."""
+    s = stub
+    for n, limit in ((65, "64"), (257, "256")):
+        many = pb.AnalyzeRequest(texts=[pb.TextInput(text="ok")] * n)
+        v = await fails(s.Analyze(many), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
+        assert v == [("texts", v[0][1])] and limit in v[0][1] and str(n) in v[0][1]
+    control = pb.AnalyzeRequest(texts=[pb.TextInput(text="fine"), pb.TextInput(text="nul\x00inside")])
+    v = await fails(s.Analyze(control), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
+    assert v[0][0] == "texts[1].text" and "control" in v[0][1]
+
+
+async def test_huge_market_is_a_bounded_invalid_argument(stub: object) -> None:
+    """A 20 KB market was quoted whole: the error passed gRPC's 16 KB trailer limit and the client got
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" with no field named."""
+    request = pb.GetMarketReportRequest(product_id="sku-1", market="M" * 20_000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetMarketReport(request, timeout=30)  # type: ignore[attr-defined]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["market"]
+    assert len(err.value.details()) < 1024
 
 
 async def test_malformed_bytes_in_a_string_field_are_invalid_argument(server: Server) -> None:
@@ -187,8 +212,8 @@ async def test_report_bad_arguments(stub: object) -> None:
     )
     assert v[0][0] == "window"
     many = pb.IngestReviewsRequest(reviews=[pb.Review(review_id="r", text="t")] * 1001)
-    v = await fails(s.IngestReviews(many), grpc.StatusCode.RESOURCE_EXHAUSTED)  # type: ignore[attr-defined]
-    assert v[0][0] == "reviews"
+    v = await fails(s.IngestReviews(many), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[attr-defined]
+    assert v[0][0] == "reviews" and "1000" in v[0][1]
 
 
 async def test_stream_returns_results_in_order(stub: object) -> None:

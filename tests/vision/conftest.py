@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from cbec.vision.v1 import vision_pb2, vision_pb2_grpc
@@ -17,7 +16,7 @@ from services.vision import features, model, train
 from services.vision.config import VisionSettings
 from services.vision.images import ImageLimits, decode
 from services.vision.server import VisionService
-from tests.support import local_settings
+from tests.support import local_settings, trusted_channel, with_token
 from tests.vision import imagegen
 
 IMAGE_SIZE = 32  # the real CNN at 32 px: a few ms per image, enough to tell shapes and colours apart
@@ -103,7 +102,8 @@ def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> VisionS
 
 @pytest.fixture
 async def server(tmp_path: Path, models_dir: Path) -> AsyncIterator[Server]:
-    srv = Server(make_settings(tmp_path, models_dir), VisionService)
+    # With the internal token, as deployed; the stub sends it with the admin scope (RemoveProducts).
+    srv = Server(with_token(make_settings(tmp_path, models_dir)), VisionService)
     await srv.start()
     yield srv
     await srv.stop(grace=1)
@@ -111,7 +111,7 @@ async def server(tmp_path: Path, models_dir: Path) -> AsyncIterator[Server]:
 
 @pytest.fixture
 async def stub(server: Server) -> AsyncIterator[vision_pb2_grpc.VisionServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+    async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         yield vision_pb2_grpc.VisionServiceStub(channel)
 
 

@@ -23,6 +23,7 @@ from services.runtime.errors import status_from_error
 from services.runtime.server import Server
 from services.vision.server import VisionService
 from tests.stores import PostgresServer, shared_fields, store_env
+from tests.support import trusted_channel, with_token
 from tests.vision import imagegen
 from tests.vision.conftest import index_requests, make_settings, stream
 from tests.vision.test_process import free_port, start, wait_serving
@@ -48,10 +49,10 @@ async def replica(
 ) -> AsyncIterator[tuple[Server, vision_pb2_grpc.VisionServiceStub]]:
     """One vision replica (its own state dir: a local index snapshot cache) on the shared store."""
     settings = make_settings(tmp_path / name, models_dir, **shared, **overrides)
-    server = Server(settings, VisionService)
+    server = Server(with_token(settings), VisionService)  # the stub may call RemoveProducts
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             yield server, vision_pb2_grpc.VisionServiceStub(channel)
     finally:
         await server.stop(grace=1)

@@ -17,6 +17,7 @@ from PIL import Image
 from services.runtime.errors import field_violations
 from services.runtime.server import Server
 from services.vision.server import VisionService
+from tests.support import trusted_channel, with_token
 from tests.vision import imagegen
 from tests.vision.conftest import index_requests, make_settings, stream, write_finetuned
 
@@ -149,7 +150,8 @@ async def test_empty_stream_is_invalid(stub: vision_pb2_grpc.VisionServiceStub) 
         (imagegen.png_header_bomb(100_000, 100_000), grpc.StatusCode.INVALID_ARGUMENT, "bomb"),
         (imagegen.png_header_bomb(0, 10), grpc.StatusCode.INVALID_ARGUMENT, ""),
         (ITEMS[0][3][: len(ITEMS[0][3]) // 2], grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 300_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes"),
+        # over vision_max_image_bytes (200 kB here): a per-request limit, so INVALID_ARGUMENT, not 429
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 300_000, grpc.StatusCode.INVALID_ARGUMENT, "200000"),
     ],
 )
 async def test_bad_search_images(
@@ -179,13 +181,45 @@ async def test_bad_search_arguments(stub: vision_pb2_grpc.VisionServiceStub) -> 
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("ids", "field", "words"),
+    [
+        ([""] * 100_000, "product_ids", "at most 1000 items (got 100000)"),
+        (["ok", ""], "product_ids[1]", "empty"),
+        (["p" * 257], "product_ids[0]", "256"),
+    ],
+    ids=["100k-empty-ids", "one-empty-id", "long-id"],
+)
+async def test_bad_removals_are_a_bounded_invalid_argument(
+    stub: vision_pb2_grpc.VisionServiceStub, ids: list[str], field: str, words: str
+) -> None:
+    """100,000 empty ids once gave 100,000 violations: past gRPC's 16 KB trailer limit the client saw
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" with no field named."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RemoveProducts(vision_pb2.RemoveProductsRequest(product_ids=ids), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = field_violations(err.value)
+    assert violation[0] == field and words in violation[1]
+
+
+async def test_a_stream_message_breaking_the_contract_names_its_position(
+    stub: vision_pb2_grpc.VisionServiceStub,
+) -> None:
+    """Each message of a client stream is checked too; the path says which one."""
+    requests = [*index_requests(ITEMS[:1]), vision_pb2.IndexProductsRequest(product_id="bad\x00id")]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.IndexProducts(stream(requests), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["requests[1].product_id"]
+
+
 async def test_restart_loads_the_snapshot_and_switching_models_reindexes(
     tmp_path: Path, models_dir: Path, tiny_head, projector, threshold
 ) -> None:
-    settings = make_settings(tmp_path, models_dir)
+    settings = with_token(make_settings(tmp_path, models_dir))  # LoadModelVersion needs it
     first = Server(settings, VisionService)
     await first.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.grpc_port}") as channel:
+    async with trusted_channel(f"127.0.0.1:{first.grpc_port}") as channel:
         await index_all(vision_pb2_grpc.VisionServiceStub(channel))
     old_version = first.service.slot.current.manifest.version
     await first.stop(grace=1)
@@ -194,7 +228,7 @@ async def test_restart_loads_the_snapshot_and_switching_models_reindexes(
     await second.start()
     try:
         assert second.service.slot.current.model.rebuild_reason == ""  # loaded, not rebuilt
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.grpc_port}") as channel:
+        async with trusted_channel(f"127.0.0.1:{second.grpc_port}") as channel:
             stub = vision_pb2_grpc.VisionServiceStub(channel)
             stats = await stub.GetIndexStats(vision_pb2.GetIndexStatsRequest(), timeout=30)
             assert stats.size == 20 and stats.model_version == old_version

@@ -182,6 +182,7 @@ Renders nothing.
 */}}
 {{- define "cbec.validate" -}}
 {{- $root := . -}}
+{{- include "cbec.validateAuth" . -}}
 {{- $st := .Values.state -}}
 {{- range $store := list "postgres" "redis" -}}
 {{- $cfg := get $st $store -}}
@@ -245,6 +246,21 @@ Serving containers also get ports, the pinned model version, model polling and b
 {{- $_ := set $env "CBEC_GRACE_PERIOD_S" (toString $s.gracePeriodSeconds) -}}
 {{- if $s.httpPort -}}
 {{- $_ := set $env "CBEC_HTTP_PORT" (toString $s.httpPort) -}}
+{{- $_ := set $env "CBEC_HTTP_HOST" "0.0.0.0" -}}
+{{- end -}}
+{{- /* Service-to-service authentication (_tls.tpl): the token every call carries, the server's certificate
+and the CA its callers' certificates must chain to, and the client certificate of a caller. */ -}}
+{{- $_ := set $env "CBEC_INTERNAL_TOKEN_FILE" (printf "%s/token" (include "cbec.internalTokenDir" $root)) -}}
+{{- $tlsDir := $root.Values.tls.mountPath -}}
+{{- if include "cbec.tlsServes" (dict "root" $root "name" $name) -}}
+{{- $_ := set $env "CBEC_TLS_CERT_FILE" (printf "%s/tls.crt" $tlsDir) -}}
+{{- $_ := set $env "CBEC_TLS_KEY_FILE" (printf "%s/tls.key" $tlsDir) -}}
+{{- $_ := set $env "CBEC_TLS_CLIENT_CA_FILE" (printf "%s/ca.crt" $tlsDir) -}}
+{{- end -}}
+{{- if and $root.Values.tls.enabled (include "cbec.callsServices" (dict "name" $name "services" $services)) -}}
+{{- $_ := set $env "CBEC_BACKEND_TLS_CA_FILE" (printf "%s/ca.crt" $tlsDir) -}}
+{{- $_ := set $env "CBEC_BACKEND_TLS_CERT_FILE" (printf "%s/tls.crt" $tlsDir) -}}
+{{- $_ := set $env "CBEC_BACKEND_TLS_KEY_FILE" (printf "%s/tls.key" $tlsDir) -}}
 {{- end -}}
 {{- end -}}
 {{- if $useModels -}}

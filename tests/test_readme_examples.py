@@ -1,0 +1,172 @@
+"""Every curl example of the README's HTTP/JSON section, run as written against ``make run``'s set-up.
+
+The suite is started by ``make run``'s own launcher (``services.runtime.launcher``: every service and
+the gateway as processes, ``CBEC_ENV=dev`` so the documented development key works), with small real
+model versions (``tests.deploy.tiny_models``) instead of the default training, on free ports. Each
+command is taken from the README's code block and run by bash as it stands; only ``$GW`` points at the
+test's gateway. Every one must get a 2xx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SERVICES = ("recommender", "chat", "sentiment", "vision", "risk")
+STATUS_MARK = "README-EXAMPLE-HTTP-STATUS:"
+
+
+def readme_examples() -> tuple[str, list[str]]:
+    """The variable line (``K=...; GW=...``) and each curl command (with its continuation lines) of the
+    code block in the README's "Over HTTP/JSON" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Over HTTP/JSON") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, "the HTTP/JSON section has no bash code block"
+    lines = block.group(1).splitlines()
+    setup, commands = lines[0], []
+    for line in lines[1:]:
+        if line.startswith("curl "):
+            commands.append(line)
+        elif line.strip():
+            assert commands, f"a line before the first curl command: {line!r}"
+            commands[-1] += "\n" + line
+    return setup, commands
+
+
+def test_the_examples_are_found() -> None:
+    setup, commands = readme_examples()
+    assert "K=" in setup and "GW=" in setup
+    assert len(commands) >= 10 and all("$GW" in c for c in commands)
+
+
+def write_shoe_jpg(folder: Path) -> None:
+    """``shoe.jpg`` for the visual-search example: a Fashion-MNIST sneaker when the data set is here,
+    else a drawn product photo."""
+    from PIL import Image
+
+    try:
+        from services.vision.data import load
+
+        split = load("test")
+        index = int((split.labels == 7).nonzero()[0][0])  # 7: sneaker
+        image = Image.fromarray(split.images[index]).convert("RGB").resize((112, 112))
+    except Exception:  # the data set is not on this machine
+        from tests.vision import imagegen
+
+        image = Image.fromarray(imagegen.draw("circle", "red", seed=1)).convert("RGB")
+    image.save(folder / "shoe.jpg", format="JPEG", quality=90)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``make run``'s launcher on free ports with tiny models; yields (gateway URL, work folder)."""
+    from tests.deploy.tiny_models import build_all
+
+    work = tmp_path_factory.mktemp("readme")
+    models = work / "models"
+    build_all(models, work / "model-work")
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}
+    env.update(
+        {
+            "CBEC_STATE_DIR": str(work / "state"),
+            "CBEC_HTTP_PORT": str(http_port),
+            "CBEC_GATEWAY_GRPC_PORT": str(free_port()),
+            "CBEC_METRICS_ENABLED": "false",  # the launcher's fixed metrics ports may be taken
+            "CBEC_DEVICE": "cpu",
+            "OPENBLAS_NUM_THREADS": "1",
+            **{f"CBEC_{name.upper()}_GRPC_PORT": str(free_port()) for name in SERVICES},
+        }
+    )
+    logs = work / "logs"
+    launcher_log = (work / "launcher.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.runtime.launcher",
+            "--no-prepare",  # the tiny models above instead of the default training
+            "--models-dir",
+            str(models),
+            "--log-dir",
+            str(logs),
+            "--ready-timeout",
+            "150",
+            "--grace",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=launcher_log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            status, body = _get(f"{url}/readyz")
+            if status == 200:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tails = {p.name: p.read_text(errors="replace")[-1500:] for p in sorted(logs.glob("*.log"))}
+                pytest.fail(
+                    f"the suite did not become ready (launcher exit {proc.poll()}, /readyz {status} {body})\n"
+                    + (work / "launcher.log").read_text(errors="replace")[-2000:]
+                    + json.dumps(tails, indent=1)
+                )
+            time.sleep(0.5)
+        write_shoe_jpg(work)
+        yield url, work
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        launcher_log.close()
+
+
+def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path]) -> None:
+    url, work = suite
+    setup, commands = readme_examples()
+    # The commands run exactly as written; curl prints the HTTP status after each answer.
+    wrapper = f"curl() {{ command curl -w '\\n{STATUS_MARK}%{{http_code}}\\n' \"$@\"; }}"
+    failures = []
+    for command in commands:
+        script = f"set -e\n{setup}\nGW={url}\n{wrapper}\n{command}\n"
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=work, capture_output=True, text=True, timeout=60, check=False
+        )
+        marks = re.findall(rf"^{STATUS_MARK}(\d+)$", done.stdout, re.M)
+        status = int(marks[-1]) if marks else 0
+        if done.returncode != 0 or not 200 <= status < 300:
+            failures.append(f"{command}\n  -> exit {done.returncode}, HTTP {status}: {done.stdout[-600:]}")
+    assert not failures, "README examples that fail:\n" + "\n".join(failures)
