@@ -105,6 +105,13 @@ class Identity:
 
 
 identity_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("identity", default=None)
+#: The internal token of this process's gateway, for backend calls made outside a request (none by
+#: default): one gateway per process, as deployed (tests' gateways share one token).
+_gateway_token: str | None = None
+
+
+def gateway_token() -> str | None:
+    return _gateway_token
 
 
 def current_identity() -> Identity | None:
@@ -424,6 +431,8 @@ class Authenticator:
         self.internal_token = (
             read_token(settings.internal_token_file) if settings.internal_token_file is not None else None
         )
+        global _gateway_token
+        _gateway_token = self.internal_token
         self.jwt = (
             JwtVerifier(settings)
             if settings.jwt_secret_file is not None or settings.jwt_public_key_file is not None

@@ -99,17 +99,18 @@ def channel_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
     """What every backend call carries: the request id, and who the gateway is calling for: the
-    internal token with the verified identity (``services/runtime/access.py``), once authenticated."""
+    internal token with the verified identity (``services/runtime/access.py``) once a request is
+    authenticated; outside one (no end user), the token and no identity."""
     from services.runtime.access import identity_metadata
 
-    from .auth import current_identity
+    from .auth import current_identity, gateway_token
 
     identity = current_identity()
     md: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, request_id_var.get()),)
-    if identity is not None:
-        p = identity.principal
-        md += ((CALLER_KEY, p.id), *identity_metadata(identity.token, identity.user, p.id, p.scopes))
-    return md
+    if identity is None:
+        return md + identity_metadata(gateway_token(), "", "gateway")
+    p = identity.principal
+    return (*md, (CALLER_KEY, p.id), *identity_metadata(identity.token, identity.user, p.id, p.scopes))
 
 
 class Backend:

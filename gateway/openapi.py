@@ -67,8 +67,11 @@ _ERROR_RESPONSES = {
     "401": "Missing or invalid credentials (UNAUTHENTICATED)",
     "403": "Credentials lack the scope (PERMISSION_DENIED)",
     "404": "Not found (NOT_FOUND)",
-    "413": "Request body over the limit",
-    "429": "Rate limit or capacity exceeded (RESOURCE_EXHAUSTED); see Retry-After",
+    "405": "Method not allowed on this path; see Allow",
+    "408": "Request body not received in time (DEADLINE_EXCEEDED, reason BODY_TIMEOUT)",
+    "413": "Request body over the limit (INVALID_ARGUMENT naming the limit)",
+    "429": "Rate limit, fair share or capacity exceeded (RESOURCE_EXHAUSTED); see Retry-After",
+    "431": "Request header fields too large or too many",
     "503": "Backend unavailable (UNAVAILABLE); see Retry-After",
     "504": "Deadline exceeded (DEADLINE_EXCEEDED)",
 }

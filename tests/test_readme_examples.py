@@ -60,16 +60,15 @@ def write_shoe_jpg(folder: Path) -> None:
     else a drawn product photo."""
     from PIL import Image
 
-    try:
-        from services.vision.data import load
+    from services.vision.data import DataError, load
+    from tests.vision import imagegen
 
+    try:
         split = load("test")
         index = int((split.labels == 7).nonzero()[0][0])  # 7: sneaker
         image = Image.fromarray(split.images[index]).convert("RGB").resize((112, 112))
-    except Exception:  # the data set is not on this machine
-        from tests.vision import imagegen
-
-        image = Image.fromarray(imagegen.draw("circle", "red", seed=1)).convert("RGB")
+    except DataError:  # the data set is not on this machine
+        image = imagegen.draw("circle", "red", seed=1)
     image.save(folder / "shoe.jpg", format="JPEG", quality=90)
 
 
@@ -157,7 +156,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
 def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path]) -> None:
     url, work = suite
     setup, commands = readme_examples()
-    # The commands run exactly as written; curl prints the HTTP status after each answer.
+    # The commands run exactly as written; curl prints the HTTP status after each answer. A stream
+    # (converse) must not end in an {"error": ...} line either.
     wrapper = f"curl() {{ command curl -w '\\n{STATUS_MARK}%{{http_code}}\\n' \"$@\"; }}"
     failures = []
     for command in commands:
@@ -167,6 +167,7 @@ def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path]) -> None:
         )
         marks = re.findall(rf"^{STATUS_MARK}(\d+)$", done.stdout, re.M)
         status = int(marks[-1]) if marks else 0
-        if done.returncode != 0 or not 200 <= status < 300:
+        streamed_error = any(line.startswith('{"error"') for line in done.stdout.splitlines())
+        if done.returncode != 0 or not 200 <= status < 300 or streamed_error:
             failures.append(f"{command}\n  -> exit {done.returncode}, HTTP {status}: {done.stdout[-600:]}")
     assert not failures, "README examples that fail:\n" + "\n".join(failures)

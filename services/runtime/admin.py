@@ -9,7 +9,7 @@ import grpc
 from cbec.common.v1 import common_pb2, common_pb2_grpc
 from google.protobuf import timestamp_pb2
 
-from .errors import InvalidArgument, ServiceError, Violation
+from .errors import InvalidArgument, ServiceError, Violation, quote
 from .model_store import Loaded, Manifest, ModelLoadError, ModelSlot
 
 
@@ -32,7 +32,11 @@ class ModelAdminServicer(common_pb2_grpc.ModelAdminServiceServicer):
     def _check_service(self, service: str) -> None:
         if service and service != self._slot.store.service:
             raise InvalidArgument(
-                [Violation("service", f"this server serves {self._slot.store.service!r}, not {service!r}")]
+                [
+                    Violation(
+                        "service", f"this server serves {self._slot.store.service!r}, not {quote(service)}"
+                    )
+                ]
             )
 
     async def GetModelStatus(self, request: common_pb2.GetModelStatusRequest, context: Any) -> Any:

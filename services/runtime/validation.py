@@ -100,7 +100,13 @@ def rules_for(descriptor: Descriptor) -> _Rules:
                 check = _field_check(fd, limits)
                 if check is not None:
                     rules.fields[fd] = (fd.name, check)
-                if limits.required and fd.type == _T.TYPE_STRING and not fd.is_repeated:
+                # (not in a oneof: "required" could not tell unset from another member being set)
+                if (
+                    limits.required
+                    and fd.type == _T.TYPE_STRING
+                    and not fd.is_repeated
+                    and fd.containing_oneof is None
+                ):
                     required.append(fd.name)
         except BaseException:
             del _compiled[descriptor.full_name]  # never keep half a rule table

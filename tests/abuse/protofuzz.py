@@ -136,38 +136,40 @@ DURATION_SECONDS = (0, 1, -1, 315_576_000_000, 315_576_000_001, -315_576_000_001
 NANOS = (0, 1, 999_999_999, 1_000_000_000, -1, -999_999_999, 2**31 - 1, -(2**31))
 
 
-PLAUSIBLE_STRINGS: tuple[str, ...] = (
-    "u-1001",
-    "U000001",
-    "P000001",
-    "P000016",
-    "sku-001",
-    "CB-100231",
-    "DE",
-    "GB",
-    "US",
-    "JP",
-    "EUR",
-    "USD",
-    "en",
-    "de",
-    "ja",
-    "tops",
-    "bags",
-    "shoes",
-    "card",
-    "Europe/Berlin",
+IDS = ("u-1001", "U000001", "P000001", "P000016", "sku-001", "CB-100231", "tx-1", "card-1", "device-1")
+SENTENCES = (
     "Where is my order CB-100231?",
+    "How long does shipping to Germany take?",
     "Lovely dress, the fabric feels great.",
     "Terrible quality, it broke after one day.",
-    "risk",
-    "recommender",
+    "Merino wool sweater",
+)
+#: Plausible values by what a field's name says it holds (the first rule whose words match wins).
+NAMED: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("session_id",), ("",)),  # a new session; a real one is 32 hex digits, drawn below
+    (("timezone",), ("Europe/Berlin", "America/New_York", "Asia/Tokyo")),
+    (("country", "market"), ("DE", "GB", "US", "FR", "JP")),
+    (("currency",), ("EUR", "USD", "GBP", "JPY")),
+    (("language",), ("en", "de", "es", "ja")),
+    (("category",), ("tops", "bags", "shoes", "skincare", "dresses")),
+    (("ip_address",), ("203.0.113.7", "2001:db8::1")),
+    (("payment_method",), ("card", "wallet")),
+    (("service",), ("recommender", "chat", "sentiment", "vision", "risk")),
+    (("version",), ("",)),
+    (("_id", "_ids", "id", "fingerprint"), IDS),
+    (("message", "text", "body", "title", "description", "name", "note", "term", "topic"), SENTENCES),
 )
 
 
-def plausible_strings() -> st.SearchStrategy[str]:
+def plausible_strings(name: str = "") -> st.SearchStrategy[str]:
+    """A string a well-behaved client would send in a field called ``name``."""
+    if name == "session_id":
+        return st.one_of(st.just(""), st.text(alphabet="0123456789abcdef", min_size=32, max_size=32))
+    for words, values in NAMED:
+        if any(name == w or name.endswith(w) or (len(w) > 3 and w in name) for w in words):
+            return st.sampled_from(values)
     return st.one_of(
-        st.sampled_from(PLAUSIBLE_STRINGS),
+        st.sampled_from(IDS + SENTENCES),
         st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12),
     )
 
@@ -258,19 +260,20 @@ WELL_KNOWN_PLAUSIBLE: dict[str, Callable[[type[Message]], st.SearchStrategy[Mess
 
 def plausible(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     """What a well-behaved client puts in a non-message field."""
-    t = field.type
+    t, name = field.type, field.name
     if t == F.TYPE_STRING:
-        return plausible_strings()
+        return plausible_strings(name)
     if t == F.TYPE_BYTES:
         return st.sampled_from((PNG, b"plain bytes"))
     if t == F.TYPE_BOOL:
         return st.booleans()
     if t in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
-        return st.floats(0.5, 5000, allow_nan=False, allow_infinity=False, width=32)
-    if t == F.TYPE_ENUM:
-        return st.sampled_from([v.number for v in field.enum_type.values])
+        return st.floats(0.5, 500, allow_nan=False, allow_infinity=False, width=32)
+    if t == F.TYPE_ENUM:  # defined, and mostly not the zero "unspecified" value
+        defined = [v.number for v in field.enum_type.values]
+        return st.sampled_from([n for n in defined if n] or defined)
     if t in INT_RANGES:
-        return st.integers(0, 20)
+        return st.integers(1, 5) if name in ("rating", "stars") else st.integers(1, 20)
     raise TypeError(f"no strategy for field type {t} ({field.full_name})")
 
 
@@ -340,7 +343,7 @@ def _message(
             return message
         message = cls()
         for f in fields:
-            if draw(st.booleans()) if not options.plausible else draw(st.integers(0, 3)) > 0:
+            if options.plausible or draw(st.booleans()):
                 _assign(message, f, draw(per_field[f.name]))
         return message
 

@@ -244,7 +244,7 @@ async def test_upsert_knowledge_is_searchable_at_once_and_persisted(
     )
     bad = chat_pb2.Article(article_id="Bad Id!", topic="x", language="english", title="", body="")
     question = "Wie lange ist mein Geschenkgutschein gültig?"  # German; the article exists in English only
-    async with running(chat_settings(prepared, state_dir)) as (_, stub):
+    async with running(chat_settings(prepared, state_dir), admin=True) as (_, stub):
         r = await stub.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[bad, article]))
         assert r.upserted_count == 1
         assert [x.index for x in r.rejected] == [0]

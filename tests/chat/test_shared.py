@@ -40,6 +40,7 @@ from tests.stores import (
     shared_fields,
     store_env,
 )
+from tests.support import as_user
 
 ROOT = Path(__file__).resolve().parents[2]
 GIFT_CARDS = chat_pb2.Article(
@@ -188,7 +189,10 @@ async def test_a_conversation_knowledge_and_returns_span_two_replicas(
         question = "Wie lange ist mein Geschenkgutschein gültig?"
         _, before = await converse(b, question)
         assert "gift-cards" not in [s.article_id for s in before.sources]
-        upserted = await a.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[GIFT_CARDS]))
+        # (Through a third replica with the internal token: UpsertKnowledge is an admin RPC.)
+        admin_settings = shared_settings(prepared, tmp_path / "c", pg_url, redis_db, session_ttl_s=ttl_s)
+        async with running(admin_settings, admin=True) as (_, c):
+            upserted = await c.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[GIFT_CARDS]))
         assert upserted.upserted_count == 1
 
         async def retrieved_on_b() -> bool:
@@ -278,7 +282,7 @@ async def test_store_outages_are_unavailable_and_recover(prepared: Prepared, tmp
         url = pg.create_database("chat_outage")
         seeded(prepared, url, rd.url)
         settings = shared_settings(prepared, tmp_path / "state", url, rd.url, state_check_s=0.2)
-        async with running(settings) as (_, stub):
+        async with running(settings, admin=True) as (_, stub):  # admin: UpsertKnowledge below
             _, r = await converse(stub, "How long does shipping take?", user_id="u-1001")
             sid = r.session_id
             acknowledged = 1
@@ -309,7 +313,8 @@ async def test_store_outages_are_unavailable_and_recover(prepared: Prepared, tmp
             await assert_unavailable(
                 stub.UpsertKnowledge(chat_pb2.UpsertKnowledgeRequest(articles=[GIFT_CARDS]))
             )
-            got = (await stub.GetSession(chat_pb2.GetSessionRequest(session_id=sid))).session
+            mine = as_user("u-1001")
+            got = (await stub.GetSession(chat_pb2.GetSessionRequest(session_id=sid), metadata=mine)).session
             assert len(got.turns) == 2 * acknowledged  # hot state still serves reads
             pg.start()
             await eventually(continues, "turns were not accepted after PostgreSQL came back")

@@ -205,6 +205,10 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "auth": {"internalToken": {"existingSecret": "own-token", "key": "secret"}},
     },
     "tls: off": {"tls": {"enabled": False}},
+    "readme: cert-manager and own token [8]": {
+        "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "cbec-ca", "kind": "ClusterIssuer"}}},
+        "auth": {"internalToken": {"existingSecret": "cbec-internal-token", "key": "token"}},
+    },
     "readme: network policy peers [8]": {
         "networkPolicy": {
             "gatewayFrom": [

@@ -286,13 +286,17 @@ def test_state_env_names_per_container(renders: dict[str, Rendered]) -> None:
     """The exact environment each container gets with the defaults (deploy/README.md documents it)."""
     common = {"CBEC_DEVICE", "CBEC_LOG_LEVEL", "HOME"} | ALWAYS | SHARED
     serving = common | {"CBEC_HOST", "CBEC_GRPC_PORT", "CBEC_METRICS_PORT", "CBEC_GRACE_PERIOD_S"}
+    serving |= {"CBEC_INTERNAL_TOKEN_FILE"}
     model = {"CBEC_MODELS_DIR", "CBEC_MODEL_VERSION", "CBEC_MODEL_POLL_S"}
+    tls_server = {"CBEC_TLS_CERT_FILE", "CBEC_TLS_KEY_FILE", "CBEC_TLS_CLIENT_CA_FILE"}
+    tls_client = {"CBEC_BACKEND_TLS_CA_FILE", "CBEC_BACKEND_TLS_CERT_FILE", "CBEC_BACKEND_TLS_KEY_FILE"}
     expected = {
         "gateway": serving
-        | {"CBEC_HTTP_PORT", "CBEC_ENV", "CBEC_RATE_LIMIT_REPLICAS"}
-        | {f"CBEC_{s.upper()}_ADDRESS" for s in MODEL_SERVICES},
-        "chat": serving | model | {"CBEC_SENTIMENT_ADDR"},
-        **{s: serving | model for s in ("recommender", "sentiment", "vision", "risk")},
+        | {"CBEC_HTTP_HOST", "CBEC_HTTP_PORT", "CBEC_ENV", "CBEC_RATE_LIMIT_REPLICAS"}
+        | {f"CBEC_{s.upper()}_ADDRESS" for s in MODEL_SERVICES}
+        | tls_client,
+        "chat": serving | model | {"CBEC_SENTIMENT_ADDR"} | tls_server | tls_client,
+        **{s: serving | model | tls_server for s in ("recommender", "sentiment", "vision", "risk")},
     }
     for name, names in expected.items():
         assert set(env_of(container(renders["default"].deployment(name)))) == names, name

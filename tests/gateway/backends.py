@@ -34,12 +34,13 @@ from cbec.risk.v1 import risk_pb2, risk_pb2_grpc
 from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
 from cbec.vision.v1 import vision_pb2, vision_pb2_grpc
 
+from services.runtime.access import caller
 from services.runtime.admin import model_info
 from services.runtime.config import RuntimeSettings
 from services.runtime.errors import InvalidArgument, NotFound, ServiceError, Violation
 from services.runtime.model_store import Manifest, ModelSlot, ModelStore
 from services.runtime.server import Runtime, Server
-from tests.support import local_settings
+from tests.support import local_settings, token_file
 
 NAMES = ("recommender", "chat", "sentiment", "vision", "risk")
 CATALOGUE = [f"sku-{i:03d}" for i in range(1, 41)]
@@ -62,6 +63,9 @@ class Call:
     time_remaining: float | None
     attempt: int
     caller: str
+    #: The user the runtime believed the call is for (``access.caller()``: trusted metadata only).
+    user: str = ""
+    trusted: bool = False
 
 
 @dataclass
@@ -98,6 +102,8 @@ class Recorder:
                 context.time_remaining(),
                 int(md.get("grpc-previous-rpc-attempts", 0)),
                 str(md.get("x-cbec-caller", "")),
+                caller().user,
+                caller().trusted,
             )
         )
         if len(self.calls) > 100_000:
@@ -607,9 +613,15 @@ def backend_settings(name: str, models_dir: Path, port: int = 0, **overrides: An
     return local_settings(RuntimeSettings, models_dir, **{**fields, **overrides})
 
 
-def make_server(name: str, models_dir: Path, recorder: Recorder, port: int = 0, **overrides: Any) -> Server:
+def make_server(
+    name: str, models_dir: Path, recorder: Recorder, port: int = 0, token: bool = True, **overrides: Any
+) -> Server:
+    """``token``: require the tests' internal token (the gateway fixtures send it), as deployed;
+    otherwise ``CBEC_INTERNAL_TOKEN_FILE`` decides, if set."""
     if not ModelStore(models_dir, name).newest_valid():
         write_model(models_dir, name)
+    if token:
+        overrides.setdefault("internal_token_file", token_file())
     return Server(
         backend_settings(name, models_dir, port, **overrides), lambda rt: TestBackend(rt, name, recorder)
     )
@@ -617,7 +629,7 @@ def make_server(name: str, models_dir: Path, recorder: Recorder, port: int = 0, 
 
 async def _serve(specs: list[tuple[str, int]], models_dir: Path) -> None:
     recorder = Recorder()
-    servers = [make_server(name, models_dir, recorder, port) for name, port in specs]
+    servers = [make_server(name, models_dir, recorder, port, token=False) for name, port in specs]
     for server in servers:
         await server.start()
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ from gateway.config import BACKENDS, GatewaySettings
 from gateway.service import Gateway
 from services.runtime.server import Server
 from tests.gateway.backends import Recorder, make_server, write_model
+from tests.support import token_file
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL_KEY = "test-key-full-0123456789"
@@ -121,6 +122,7 @@ def gateway_settings(
         jwt_secret_file=jwt_secret,
         breaker_open_s=0.5,
         reconnect_max_backoff_s=0.5,
+        internal_token_file=token_file(),  # the backends under test require it
     )
     for name, backend in backends.items():
         address = backend if isinstance(backend, str) else f"127.0.0.1:{backend.grpc_port}"

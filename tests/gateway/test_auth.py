@@ -23,7 +23,8 @@ from gateway.config import DEV_API_KEY, GatewaySettings
 from services.runtime.errors import status_from_error
 from tests.gateway.conftest import FULL_KEY, RECOMMENDER_KEY, SLOW_KEY, make_jwt
 
-RECOMMEND = ("/v1/recommender/recommend", {"userId": "u-1", "k": 1})
+# No userId: the user comes from the credentials (tests/gateway/test_identity.py).
+RECOMMEND = ("/v1/recommender/recommend", {"k": 1})
 
 
 async def post(
