@@ -264,7 +264,9 @@ def plausible(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if t == F.TYPE_STRING:
         return plausible_strings(name)
     if t == F.TYPE_BYTES:
-        return st.sampled_from((PNG, b"plain bytes"))
+        if "utf8" in name or "text" in name:
+            return st.sampled_from(SENTENCES).map(str.encode)
+        return st.just(PNG)
     if t == F.TYPE_BOOL:
         return st.booleans()
     if t in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
@@ -368,7 +370,7 @@ def _field(field: FieldDescriptor, depth: int, options: _Options) -> st.SearchSt
     if not field.is_repeated:
         return element
     if options.plausible:
-        return st.lists(element, max_size=4)
+        return st.lists(element, min_size=1, max_size=4)
     return _repeated(element, cheap, field)
 
 

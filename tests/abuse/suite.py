@@ -213,7 +213,6 @@ def running_suite(
     """
     from services.runtime.access import TOKEN_ENV, read_token
     from services.runtime.launcher import discover
-    from services.runtime.probe import wait_serving
 
     work.mkdir(parents=True, exist_ok=True)
     label = str(models_dir) if models_dir is not None else "tiny"
@@ -263,7 +262,7 @@ def running_suite(
                 p.proc = subprocess.Popen(
                     [sys.executable, "-m", p.module], cwd=ROOT, env=service_env, stdout=log, stderr=log
                 )
-        _wait_all(suite, wait_serving, startup_timeout)
+        _wait_all(suite, startup_timeout)
         yield suite
     finally:
         stop(suite)
@@ -282,19 +281,30 @@ def seed_chat_orders(state_dir: Path) -> None:
         store.close()
 
 
-def _wait_all(suite: Suite, wait_serving: Any, timeout: float) -> None:
+def _wait_all(suite: Suite, timeout: float) -> None:
+    """Until every process reports SERVING; fails at once, with its log, when one exits."""
     import asyncio
 
-    async def every() -> list[bool]:
-        return list(
-            await asyncio.gather(*(wait_serving(p.address, timeout) for p in suite.processes.values()))
-        )
+    from services.runtime.probe import check
 
-    ready = asyncio.run(every())
-    failed = [p for p, ok in zip(suite.processes.values(), ready, strict=True) if not ok]
+    async def one(p: Process) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not p.alive:
+                return f"{p.name} exited with status {p.proc.returncode if p.proc else '?'}"
+            if await check(p.address) == "SERVING":
+                return None
+            await asyncio.sleep(0.25)
+        return f"{p.name} not SERVING after {timeout:.0f}s"
+
+    async def every() -> list[tuple[Process, str | None]]:
+        ps = list(suite.processes.values())
+        return list(zip(ps, await asyncio.gather(*(one(p) for p in ps)), strict=True))
+
+    failed = [(p, why) for p, why in asyncio.run(every()) if why]
     if failed:
-        tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in failed)
-        raise RuntimeError(f"not SERVING after {timeout:.0f}s: {[p.name for p in failed]}\n{tails}")
+        tails = "\n".join(f"--- {why} ---\n{p.log_tail()}" for p, why in failed)
+        raise RuntimeError(f"the suite did not start:\n{tails}")
 
 
 def stop(suite: Suite, grace: float = 10.0) -> None:

@@ -283,7 +283,7 @@ class ChartCluster:
         from services.runtime.access import TOKEN_KEY
 
         token = self.internal_token()
-        interceptors = [_DefaultIdentity(self.identity(), TOKEN_KEY)] if token else []
+        interceptors = _DefaultIdentity.every_kind(self.identity(), TOKEN_KEY) if token else []
         if not self.tls_enabled or "CBEC_TLS_CERT_FILE" not in pod.env:
             return grpc.aio.insecure_channel(pod.address(), interceptors=interceptors)
         files = self.workload_secret(as_component, "tls")
@@ -441,13 +441,9 @@ class ChartCluster:
             self.stop_all()
 
 
-class _DefaultIdentity(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the harness's identity metadata (the internal token) to calls that bring none of their own."""
+class _DefaultIdentity:
+    """Adds the harness's identity metadata (the internal token) to calls that bring none of their own.
+    One instance per call kind: grpc.aio files a multi-kind interceptor under its first kind only."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...], token_key: str) -> None:
         self.metadata = metadata
@@ -465,15 +461,29 @@ class _DefaultIdentity(
             details.wait_for_ready,
         )
 
+    @classmethod
+    def every_kind(cls, metadata: tuple[tuple[str, str], ...], token_key: str) -> list[Any]:
+        return [
+            kind(metadata, token_key) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+        ]
+
+
+class _UnaryUnary(_DefaultIdentity, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_DefaultIdentity, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_DefaultIdentity, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _StreamStream(_DefaultIdentity, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
