@@ -2,16 +2,18 @@
 
 Every service that ``services.runtime.launcher.discover()`` finds, and the gateway, run as their own
 processes (``python -m <module>``) with the environment the launcher gives them (``CBEC_ENV=dev``,
-embedded state under one folder, the gateway in front), on free ports rather than the
-fixed ones so that a test never collides with a developer's ``make run``. Listen addresses are the
-services' own defaults, as under ``make run``. Models are the small real
-versions of ``tests/deploy/tiny_models.py`` (a few seconds to build) unless a models folder is given.
+embedded state under one folder, the internal token file, the gateway in front) and the listen
+addresses they default to, as under ``make run``; only the ports are free ones rather than the fixed
+ones, so that a test never collides with a developer's ``make run``. Models are the small real
+versions of ``tests/deploy/tiny_models.py`` (a few seconds to build) unless a models folder is given;
+the chat store gets the demo orders ``make run`` puts there.
 
 Chat runs without an LLM (answers from articles), as the other test harnesses do: generation would
 only slow every chat call, and nothing here is about the LLM.
 
-The gateway holds three API keys: ``healthy`` and ``abuser`` (two shoppers' storefront keys, every
-scope but ``admin``) and ``admin``; JWTs signed with ``jwt_secret`` carry a user as their subject.
+The gateway holds three API keys: ``healthy`` and ``abuser`` (storefront keys bound to two shoppers,
+``USERS``, with every scope but ``admin``) and ``admin`` (every scope, no user); JWTs signed with
+``jwt_secret`` carry a user as their subject.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("recommender", "chat", "sentiment", "vision", "risk")
 # Scopes of a shopper's storefront key: every backend and the aggregations, not the model-admin API.
 SHOPPER_SCOPES = ["gateway", *BACKENDS]
+#: The shopper each storefront key is bound to (users of the tiny recommender's synthetic shop).
+USERS = {"healthy": "U000001", "abuser": "U000002"}
 
 
 def free_port() -> int:
@@ -53,6 +59,24 @@ def build_tiny_models(models_dir: Path, work: Path) -> dict[str, str]:
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     return build_all(models_dir, work)
+
+
+def transaction(**over: Any) -> dict[str, Any]:
+    """A valid order as the storefront sends it (JSON names), five minutes old; ``over`` replaces fields."""
+    occurred = datetime.now(UTC) - timedelta(minutes=5)
+    tx: dict[str, Any] = {
+        "transactionId": f"tx-{uuid.uuid4().hex[:12]}",
+        "cardFingerprint": "card-abuse-1",
+        "deviceId": "device-abuse-1",
+        "ipCountry": "DE",
+        "billingCountry": "DE",
+        "shippingCountry": "DE",
+        "amount": 42.5,
+        "currency": "EUR",
+        "occurredTime": occurred.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "paymentMethod": "card",
+    }
+    return {**tx, **over}
 
 
 @dataclass
@@ -166,15 +190,16 @@ class Suite:
 
 
 def _keys_document(keys: dict[str, str]) -> str:
-    def entry(key_id: str, key: str, scopes: list[str]) -> dict[str, Any]:
+    def entry(key_id: str, key: str, scopes: list[str], user: str | None = None) -> dict[str, Any]:
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return {"id": key_id, "sha256": digest, "scopes": scopes, "rate_per_s": 100_000, "burst": 100_000}
+        found = {"id": key_id, "sha256": digest, "scopes": scopes, "rate_per_s": 100_000, "burst": 100_000}
+        return {**found, "user": user} if user else found
 
     return json.dumps(
         {
             "keys": [
-                entry("healthy", keys["healthy"], SHOPPER_SCOPES),
-                entry("abuser", keys["abuser"], SHOPPER_SCOPES),
+                entry("healthy", keys["healthy"], SHOPPER_SCOPES, USERS["healthy"]),
+                entry("abuser", keys["abuser"], SHOPPER_SCOPES, USERS["abuser"]),
                 entry("admin", keys["admin"], ["*"]),
             ]
         }

@@ -75,7 +75,8 @@ def scaleout_values(pg: PostgresServer, pg_url: str, redis: RedisServer, replica
         "env": {"CBEC_ENV": "prod"},
         "secretEnv": [{"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}],
     }
-    services["chat"]["env"] = {"CBEC_LLM_BACKEND": "none"}
+    # Chat without an LLM; its anger check may take longer than 0.3 s here (every pod on 2 cores).
+    services["chat"]["env"] = {"CBEC_LLM_BACKEND": "none", "CBEC_SENTIMENT_TIMEOUT_S": 2}
     # A training Job for risk (small and fast here), and serving pods that look for new versions often.
     services["risk"]["training"] = {
         "enabled": True,

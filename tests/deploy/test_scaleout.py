@@ -1,5 +1,6 @@
 """Issue 14's cluster on one machine: the chart's rendered pods run as processes (2 replicas of every
-stateful service, 2 gateways) on real PostgreSQL and Redis, and the replicas must agree.
+stateful service, 2 gateways) on real PostgreSQL and Redis, and the replicas must agree; every call
+between pods is mutual TLS with the chart's certificates and carries its internal token.
 
 See tests/deploy/chart_run.py for what is executed as rendered and what a single host substitutes.
 """
@@ -10,14 +11,16 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from cbec.risk.v1 import risk_pb2_grpc
 
-from tests.deploy.chart_run import ROOT, writable_by_pod_user
+from tests.deploy.chart_run import ROOT, Pod, writable_by_pod_user
 from tests.deploy.scaleout import STATEFUL, Suite, eventually, png, running_embedded, running_suite
 
 pytestmark = pytest.mark.timeout(600)
@@ -100,6 +103,46 @@ async def test_services_demand_the_client_certificate_and_the_internal_token(s: 
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     reply = await s.stub(risk).ScoreTransaction(request, timeout=10)  # certificate and token
     assert 0 <= reply.assessment.fraud_probability <= 1
+
+
+async def test_chat_asks_sentiment_over_mutual_tls(s: Suite) -> None:
+    """Chat's anger check reaches the sentiment pods with its own certificate and the token. Chat falls
+    back to a local heuristic when it cannot (and then waits before asking again), so only the
+    sentiment pods' counters can tell: calls that passed the handshake, none refused for credentials."""
+    from cbec.chat.v1 import chat_pb2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def analyze_calls(session: aiohttp.ClientSession) -> tuple[float, set[str]]:
+        started, codes = 0.0, set()
+        for pod in s.pods("sentiment"):
+            async with session.get(f"http://{pod.address('metrics')}/metrics") as reply:
+                text = await reply.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.labels.get("grpc_method") != "Analyze":
+                        continue
+                    if sample.name == "grpc_server_started_total":
+                        started += sample.value
+                    elif sample.name == "grpc_server_handled_total" and sample.value:
+                        codes.add(sample.labels["grpc_code"])
+        return started, codes
+
+    async with s.http() as session:
+        for chat in s.pods("chat"):
+            before, _ = await analyze_calls(session)
+
+            async def asked(chat: Pod = chat, before: float = before) -> bool:
+                user = f"mood-{uuid.uuid4().hex[:8]}"
+                request = chat_pb2.ConverseRequest(
+                    user_id=user, message="This is the worst, a terrible scam!"
+                )
+                async for _ in s.stub(chat).Converse(request, timeout=30, metadata=s.as_user(user)):
+                    pass
+                return (await analyze_calls(session))[0] > before
+
+            await eventually(asked, timeout=60, period=1.0)  # past chat's back-off after a slow call
+        _, codes = await analyze_calls(session)
+        assert not codes & {"UNAUTHENTICATED", "PERMISSION_DENIED"}, codes
 
 
 async def test_an_interaction_changes_every_replicas_recommendations(s: Suite) -> None:
