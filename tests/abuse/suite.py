@@ -31,13 +31,10 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("recommender", "chat", "sentiment", "vision", "risk")
@@ -128,7 +125,6 @@ class Suite:
     jwt_secret: str
     models: str  # what the models are, for reports: "tiny" or the folder given
     internal_token: str  # the services' shared secret (``services/runtime/access.py``)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def http_url(self) -> str:
@@ -136,17 +132,6 @@ class Suite:
 
     def address(self, name: str) -> str:
         return self.processes[name].address
-
-    def health(self, name: str, timeout: float = 5.0) -> str:
-        """The gRPC health of one process (``SERVING``...), or ``UNREACHABLE``."""
-        with grpc.insecure_channel(self.address(name)) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=timeout
-                )
-            except grpc.RpcError:
-                return "UNREACHABLE"
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def trusted_metadata(
         self, user: str = "", scopes: tuple[str, ...] = ("*",)
@@ -260,7 +245,7 @@ def running_suite(
     per_service: dict[str, dict[str, str]] = {
         "chat": {
             "CBEC_LLM_BACKEND": "none",
-            "CBEC_SENTIMENT_ADDR": processes["sentiment"].address if "sentiment" in processes else "",
+            "CBEC_SENTIMENT_ADDR": processes["sentiment"].address,
         },
         "vision": {"CBEC_VISION_DATA_DIR": str(work / "vision-data")},
         "gateway": {

@@ -1,6 +1,6 @@
 """Property-based fuzzing of every gRPC request message of every service, on the real running suite.
 
-Each method gets ``CBEC_FUZZ_EXAMPLES`` (default 20) derandomized hypothesis draws from strategies made
+Each method gets ``CBEC_FUZZ_EXAMPLES`` (default 50) derandomized hypothesis draws from strategies made
 from its request descriptor (``protofuzz.py``), sent the way its real callers send them
 (``fuzzing.py``). Whatever the input: never INTERNAL/UNKNOWN, every INVALID_ARGUMENT names a field in
 a BadRequest, no error over 4 KB, no size limit reported as RESOURCE_EXHAUSTED, and the process stays
@@ -17,7 +17,7 @@ import pytest
 from tests.abuse.fuzzing import Caller, Target, fuzz, targets
 from tests.abuse.suite import Suite
 
-EXAMPLES = int(os.environ.get("CBEC_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("CBEC_FUZZ_EXAMPLES", "50"))
 
 
 @pytest.fixture(scope="module")
