@@ -47,8 +47,7 @@ REACHES: list[tuple[str, type[Message], Callable[[Any], bool]]] = [
     ("a control character", chat_pb2.ConverseRequest, lambda m: any(c < " " for s in _strings(m) for c in s)),
     ("10,000+ repeated elements", vision_pb2.RemoveProductsRequest, lambda m: len(m.product_ids) >= 10_000),
     ("an int32 at its edge", recommender_pb2.RecommendRequest, lambda m: m.k in (2**31 - 1, -(2**31))),
-    ("a map of 1,000+ entries", chat_pb2.GenerateProductCopyRequest,
-     lambda m: len(m.product.attributes) > 1000),
+    ("a map of 1,000+ entries", chat_pb2.ProductAttributes, lambda m: len(m.attributes) > 1000),
     ("a plausible request", risk_pb2.ScoreTransactionRequest,
      lambda m: m.transaction.currency == "EUR" and m.transaction.amount > 0 and bool(m.transaction.user_id)),
 ]  # fmt: skip
