@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from rich.progress import Progress
 
 from bench.loadgen import LoadResult, closed_loop, write_results
+from services.runtime.access import PRINCIPAL_KEY, SCOPES_KEY, TOKEN_ENV, TOKEN_KEY, USER_KEY
 
 SERVICE = "cbec.bench.v1.BenchService"
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +121,19 @@ async def _wait_ready(port: int) -> None:
         await asyncio.wait_for(ch.channel_ready(), 30)
 
 
+#: The runtime server runs as in production: the internal token required on every call, and the
+#: caller's identity sent with it (``services/runtime/access.py``). Both servers get the same metadata.
+TOKEN = secrets.token_urlsafe(32)
+CALL_METADATA = ((TOKEN_KEY, TOKEN), (USER_KEY, "u-42"), (PRINCIPAL_KEY, "bench"), (SCOPES_KEY, "gateway"))
+
+
+def _token_env() -> dict[str, str]:
+    path = Path(tempfile.mkdtemp(prefix="bench-runtime-")) / "internal-token"
+    path.write_text(TOKEN)
+    path.chmod(0o600)
+    return {TOKEN_ENV: str(path)}
+
+
 async def _load(port: int, method: str, concurrency: int, seconds: float) -> LoadResult:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         if method == "Empty":
@@ -132,7 +148,9 @@ async def _load(port: int, method: str, concurrency: int, seconds: float) -> Loa
                 wrappers_pb2.DoubleValue.FromString,
             )
             request = wrappers_pb2.DoubleValue(value=1.0)
-        return await closed_loop(lambda i: stub(request, timeout=10), concurrency, seconds)
+        return await closed_loop(
+            lambda i: stub(request, timeout=10, metadata=CALL_METADATA), concurrency, seconds
+        )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -145,7 +163,7 @@ def _cpu_seconds(pid: int) -> float:
 async def _measure(
     kind: str, method: str, concurrency: int, seconds: float, env: dict[str, str] | None = None
 ):
-    proc, port = _start(kind, env)
+    proc, port = _start(kind, {**_token_env(), **(env or {})} if kind == "runtime" else env)
     try:
         await _wait_ready(port)
         before = _cpu_seconds(proc.pid)
@@ -185,7 +203,8 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
     return {
         "protocol": (
             f"{rounds} alternating rounds of {seconds}s each, closed loop at concurrency 16, "
-            "server in its own process, medians reported; "
+            "server in its own process, medians reported; runtime server with the internal token "
+            "required and identity metadata checked on every call (both servers get the same metadata); "
             f"batcher: concurrency 64, fixed {batch_cost_ms} ms per batch, "
             "max batch 64 vs 1, max delay 2 ms"
         ),
