@@ -1,4 +1,5 @@
-"""Every curl example of the README's HTTP/JSON section, run as written against ``make run``'s set-up.
+"""Every curl example of the READMEs' HTTP/JSON sections (the project's and the gateway's), run as
+written against ``make run``'s set-up.
 
 The suite is started by ``make run``'s own launcher (``services.runtime.launcher``: every service and
 the gateway as processes, ``CBEC_ENV=dev`` so the documented development key works), with small real
@@ -26,18 +27,20 @@ import pytest
 from tests.gateway.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+#: README -> the heading of the section whose first bash block holds its HTTP examples
+READMES = {"README.md": "### Over HTTP/JSON", "gateway/README.md": "## Calling it"}
 SERVICES = ("recommender", "chat", "sentiment", "vision", "risk")
 STATUS_MARK = "README-EXAMPLE-HTTP-STATUS:"
 
 
-def readme_examples() -> tuple[str, list[str]]:
+def readme_examples(readme: str) -> tuple[str, list[str]]:
     """The variable line (``K=...; GW=...``) and each curl command (with its continuation lines) of the
-    code block in the README's "Over HTTP/JSON" section."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Over HTTP/JSON") :]
+    first bash block in a README's HTTP examples section."""
+    path, heading = readme, READMES[readme]
+    text = (ROOT / path).read_text(encoding="utf-8")
+    section = text[text.index(heading) :]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block is not None, "the HTTP/JSON section has no bash code block"
+    assert block is not None, f"{path}: the section {heading!r} has no bash code block"
     lines = block.group(1).splitlines()
     setup, commands = lines[0], []
     for line in lines[1:]:
@@ -49,8 +52,9 @@ def readme_examples() -> tuple[str, list[str]]:
     return setup, commands
 
 
-def test_the_examples_are_found() -> None:
-    setup, commands = readme_examples()
+@pytest.mark.parametrize("readme", sorted(READMES))
+def test_the_examples_are_found(readme: str) -> None:
+    setup, commands = readme_examples(readme)
     assert "K=" in setup and "GW=" in setup
     assert len(commands) >= 10 and all("$GW" in c for c in commands)
 
@@ -153,9 +157,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
         launcher_log.close()
 
 
-def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("readme", sorted(READMES))
+def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path], readme: str) -> None:
     url, work = suite
-    setup, commands = readme_examples()
+    setup, commands = readme_examples(readme)
     # The commands run exactly as written; curl prints the HTTP status after each answer. A stream
     # (converse) must not end in an {"error": ...} line either.
     wrapper = f"curl() {{ command curl -w '\\n{STATUS_MARK}%{{http_code}}\\n' \"$@\"; }}"

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -470,14 +471,55 @@ class ModelPins:
         self.db.close()
 
 
+class CertificateFiles:
+    """The server's certificate, key and client CA, re-read when a file changes.
+
+    cert-manager renews a certificate by rewriting the mounted Secret (the kubelet swaps the files
+    atomically); gRPC asks ``fetch`` before each new handshake, so new connections get the renewed
+    certificate without a restart while established ones keep theirs. A half-written or unreadable
+    set keeps the one in use (``fetch`` returns None: no change) and is logged once per change.
+    """
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self.paths = (cert, key, client_ca)
+        self._stamp = self._read_stamp()
+        self.current = self._config()
+
+    def _read_stamp(self) -> tuple[tuple[int, int], ...]:
+        return tuple(
+            (p.stat().st_mtime_ns, p.stat().st_size) if p is not None else (0, 0) for p in self.paths
+        )
+
+    def _config(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, client_ca = self.paths
+        return grpc.ssl_server_certificate_configuration(
+            [(key.read_bytes(), cert.read_bytes())],
+            root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = self._read_stamp()
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp
+            config = self._config()
+        except (OSError, ValueError) as exc:
+            log.error("cannot re-read the TLS files, keeping the current certificate: %s", exc)
+            return None
+        log.info("TLS certificate files changed: new connections use them")
+        self.current = config
+        return config
+
+
 def server_credentials(settings: RuntimeSettings) -> grpc.ServerCredentials | None:
-    """TLS when a certificate is configured; mutual TLS when a client CA is configured too."""
+    """TLS when a certificate is configured; mutual TLS when a client CA is configured too. The files
+    are followed (``CertificateFiles``): a renewed certificate needs no restart."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    files = CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(
+        files.current, files.fetch, require_client_authentication=settings.tls_client_ca_file is not None
     )
 
 
