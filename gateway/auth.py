@@ -43,11 +43,10 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
-import inspect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,77 +610,18 @@ def bind_user(info: MethodInfo, message: Message) -> str:
     return user
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authentication on the gateway's gRPC port. Runs inside the runtime's interceptor, so a refusal
-    is an ordinary ``ServiceError`` turned into a rich status with the request id."""
-
-    def __init__(self, auth: Authenticator, scope_of: Callable[[str], str | None]) -> None:
-        self._auth = auth
-        self._scope_of = scope_of
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        service = method.split("/")[1] if method.count("/") == 2 else ""
-        if service in PUBLIC_GRPC_SERVICES:
-            return handler
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, self._scope_of(method))
-        self._cache[method] = (handler, wrapped)
-        return wrapped
-
-    async def _check(self, context: grpc.aio.ServicerContext, scope: str | None) -> None:
-        api_key = authorization = None
-        for key, value in context.invocation_metadata() or ():
-            if key == API_KEY_HEADER:
-                api_key = str(value)
-            elif key == AUTHORIZATION:
-                authorization = str(value)
-        await self._auth.admit(api_key, authorization, scope)
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, scope: str | None) -> grpc.RpcMethodHandler:
-        check = self._check
-        des, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(context, scope)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-
-            make = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return make(unary, des, ser)
-        inner_stream = handler.unary_stream or handler.stream_stream
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await check(context, scope)
-            result = inner_stream(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            elif inspect.isawaitable(result):
-                await result
-            else:
-                for item in result:
-                    yield item
-
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return make(streaming, des, ser)
+async def admit_grpc_call(
+    auth: Authenticator, scope_of: Callable[[str], str | None], service: str, method: str, context: Any
+) -> None:
+    """Authentication on the gateway's gRPC port, run by the runtime's interceptor before the request is
+    read (``admit_call``): a refusal is an ordinary ``ServiceError`` turned into a rich status with the
+    request id, and an unauthenticated or rate-limited caller costs no validation."""
+    if service in PUBLIC_GRPC_SERVICES:
+        return
+    api_key = authorization = None
+    for key, value in context.invocation_metadata() or ():
+        if key == API_KEY_HEADER:
+            api_key = str(value)
+        elif key == AUTHORIZATION:
+            authorization = str(value)
+    await auth.admit(api_key, authorization, scope_of(f"/{service}/{method}"))

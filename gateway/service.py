@@ -11,7 +11,7 @@ from cbec.gateway.v1 import gateway_pb2_grpc
 from services.runtime.server import Runtime
 
 from .aggregator import GATEWAY_SERVICE, Aggregator, GatewayServicer
-from .auth import Authenticator, AuthInterceptor
+from .auth import Authenticator, admit_grpc_call
 from .backends import BackendPool
 from .bridge import Bridge
 from .config import GatewaySettings
@@ -32,7 +32,7 @@ class Gateway:
 
     service_names: Sequence[str] = (GATEWAY_SERVICE,)
     slot = None
-    #: Its callers are end users with API keys or JWTs (AuthInterceptor), not holders of the internal token.
+    #: Its callers are end users with API keys or JWTs (``admit_call``), not holders of the internal token.
     authenticates_callers = True
 
     def __init__(self, runtime: Runtime) -> None:
@@ -51,7 +51,6 @@ class Gateway:
         self.auth = Authenticator(settings, self.metrics, redis=redis)
         self.aggregator = Aggregator(settings, self.routes, self.backends, self.metrics)
         self.servicer = GatewayServicer(self.aggregator)
-        self.interceptors = (AuthInterceptor(self.auth, self._scope_of),)
         self.openapi = build_openapi(self.routes, sorted(self.backends.backends))
         self.bridge = Bridge(
             settings,
@@ -66,6 +65,10 @@ class Gateway:
     @property
     def http_port(self) -> int:
         return self.bridge.port
+
+    async def admit_call(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+        """The runtime's admission hook: API key or JWT, scope and rate limit, before the request is read."""
+        await admit_grpc_call(self.auth, self._scope_of, service, method, context)
 
     def _scope_of(self, grpc_method: str) -> str | None:
         info = self.routes.methods.get(grpc_method.lstrip("/"))

@@ -1,7 +1,8 @@
 """One server interceptor for every cross-cutting concern of a call.
 
 In order: request id (from ``x-request-id`` metadata or made up; returned in trailing metadata),
-access (internal token, trusted identity, admin scopes: ``access.py``),
+access (internal token, trusted identity, admin scopes: ``access.py``; or the service's own
+``admit_call``, e.g. the gateway's API keys, JWTs and rate limits),
 deadline check (a call whose deadline has passed is not computed), load shedding (past
 ``max_concurrent_calls`` a call gets RESOURCE_EXHAUSTED at once; health, reflection and admin calls
 are exempt so probes still answer under overload), malformed-request detection (INVALID_ARGUMENT
@@ -82,9 +83,13 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         max_concurrent_calls: int,
         access_log: bool = False,
         access: AccessPolicy | None = None,
+        admit_call: Callable[[str, str, grpc.aio.ServicerContext], Awaitable[None]] | None = None,
     ) -> None:
         self._metrics = metrics
         self._access = access or AccessPolicy(None, enforce=False)
+        #: A service's own admission (the gateway authenticates end users): runs before anything reads
+        #: the request, so an unauthenticated or rate-limited caller costs no validation or compute.
+        self._admit_call = admit_call
         self._max = max_concurrent_calls
         self._access_log = access_log
         self._in_flight = 0
@@ -233,6 +238,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> None:
         self._access.admit(info.service, info.method, context)  # token, identity, admin scope
+        if self._admit_call is not None:
+            await self._admit_call(info.service, info.method, context)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise ServiceError(

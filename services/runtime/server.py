@@ -134,9 +134,9 @@ class Service(Protocol):
 
     def register(self, server: grpc.aio.Server) -> None: ...
 
-    # Optional: ``interceptors`` (a sequence of grpc.aio.ServerInterceptor run after the
-    # runtime's own, e.g. the gateway's authentication), and ``authenticates_callers = True`` for a
-    # service that checks its own callers (the gateway): the internal-token check is then off.
+    # Optional: ``authenticates_callers = True`` for a service that checks its own callers (the
+    # gateway): the internal-token check is then off, and its
+    # ``async admit_call(grpc_service, grpc_method, context)`` runs instead, before the request is read.
 
     async def start(self) -> None:
         """Warm up after the model is loaded (or at once for model-free services)."""
@@ -159,7 +159,11 @@ class Server:
             settings, enforce=not getattr(self.service, "authenticates_callers", False)
         )
         self.interceptor = RuntimeInterceptor(
-            self.metrics, settings.max_concurrent_calls, settings.access_log, access
+            self.metrics,
+            settings.max_concurrent_calls,
+            settings.access_log,
+            access,
+            getattr(self.service, "admit_call", None),
         )
         self.grpc_port = 0
         self.metrics_port = 0
@@ -198,8 +202,7 @@ class Server:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [self.interceptor, *getattr(self.service, "interceptors", ())]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
+        server = grpc.aio.server(interceptors=[self.interceptor], options=options)
         self.service.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self.service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]

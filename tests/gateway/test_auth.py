@@ -92,6 +92,12 @@ async def test_grpc_port_authentication(gw: Any) -> None:
             await stub.AssessOrder(request, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert dict(err.value.trailing_metadata()).get("x-request-id")
+        # Credentials are checked before the request is read: a bad request without them is refused
+        # as unauthenticated, not validated (the contract limit on home-feed userId is 256 characters).
+        oversized = gateway_pb2.GetHomeFeedRequest(user_id="u" * 10_000)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetHomeFeed(oversized, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.AssessOrder(request, metadata=(("x-api-key", RECOMMENDER_KEY),), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
