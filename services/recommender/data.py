@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,19 +59,45 @@ def read_table(path: Path | str) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".brotli" else path.suffix.lower()
-    if suffix in (".parquet", ".pq", ".parquet.brotli"):
-        df = pd.read_parquet(path)
-    elif suffix in (".sqlite", ".sqlite3", ".db"):
-        df = _read_event_store(path)
-    elif suffix in (".csv", ".tsv", ".txt", ".inter", ".item", ".user", ".gz"):
-        with open(path, "rb") as handle:
-            head = handle.read(4096).decode("utf-8", "replace")
-        sep = "\t" if head.count("\t") > head.count(",") else ","
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
-    else:
-        raise DataError(f"{path}: unsupported file type (use CSV, TSV, Parquet or the event store)")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file")
+    try:
+        if suffix in (".parquet", ".pq", ".parquet.brotli"):
+            try:
+                df = pd.read_parquet(path)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise DataError(f"{path}: unreadable Parquet ({_one_line(exc)})") from None
+        elif suffix in (".sqlite", ".sqlite3", ".db"):
+            df = _read_event_store(path)
+        elif suffix in (".csv", ".tsv", ".txt", ".inter", ".item", ".user", ".gz"):
+            df = _read_text_table(path)
+        else:
+            raise DataError(f"{path}: unsupported file type (use CSV, TSV, Parquet or the event store)")
+    except OSError as exc:  # permissions, a file removed while read, a broken disk
+        raise DataError(f"{path}: cannot read it ({exc.strerror or _one_line(exc)})") from None
     df.columns = [str(c).split(":", 1)[0].strip() for c in df.columns]  # RecBole `name:type` headers
     return df
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pandas and pyarrow messages can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_text_table(path: Path) -> pd.DataFrame:
+    """CSV / TSV (separator sniffed from the first 4 KiB), every column as strings."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).decode("utf-8", "replace")
+    sep = "\t" if head.count("\t") > head.count(",") else ","
+    kind = "TSV" if sep == "\t" else "CSV"
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no header, no rows)") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except (ValueError, EOFError) as exc:  # ParserError, a truncated or corrupt .gz
+        raise DataError(f"{path}: unreadable {kind} ({_one_line(exc)})") from None
 
 
 def _read_event_store(path: Path) -> pd.DataFrame:
@@ -113,7 +139,12 @@ def load_interactions(path: Path | str) -> pd.DataFrame:
     df = _rename(read_table(path), ("user_id", "item_id", "rating", "timestamp", "market", "type", "weight"))
     missing = [c for c in ("user_id", "item_id") if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        accepted = "; ".join(f"{c}: {', '.join(_ALIASES[c])}" for c in missing)
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {list(df.columns)} (accepted names: {accepted})"
+        )
+    if df.empty:
+        raise DataError(f"{path}: no rows (only a header)")
     return df
 
 
@@ -166,20 +197,44 @@ class CleanReport:
         return asdict(self)
 
 
+def combine_reports(first: Sequence[CleanReport], final: CleanReport) -> CleanReport:
+    """One report for data cleaned in two passes: each input part on its own (``first``), then the
+    parts together (``final``). Rows in and every count removed or merged add up over both passes
+    (the second pass only merges pairs that occur in two parts and drops sparse users); rows, users
+    and items out are the final pass's."""
+    parts = [*first, final]
+    return CleanReport(
+        rows_in=sum(r.rows_in for r in first),
+        rows_out=final.rows_out,
+        dropped_missing_ids=sum(r.dropped_missing_ids for r in parts),
+        dropped_bad_rating=sum(r.dropped_bad_rating for r in parts),
+        dropped_forgotten=sum(r.dropped_forgotten for r in parts),
+        dropped_sparse_users=sum(r.dropped_sparse_users for r in parts),
+        duplicates_merged=sum(r.duplicates_merged for r in parts),
+        users=final.users,
+        items=final.items,
+    )
+
+
 def user_hash(user_id: str) -> str:
     """How erased users are remembered (so training drops them) without keeping their id."""
     return hashlib.sha256(f"cbec-forget:{user_id}".encode()).hexdigest()
 
 
 def clean_interactions(
-    df: pd.DataFrame, min_user_interactions: int = 1, forgotten: set[str] | frozenset[str] = frozenset()
+    df: pd.DataFrame,
+    min_user_interactions: int = 1,
+    forgotten: set[str] | frozenset[str] = frozenset(),
+    source: str = "",
 ) -> tuple[pd.DataFrame, CleanReport]:
     """Drop rows without ids or with non-finite / negative ratings, drop erased users (``forgotten``
     holds ``user_hash`` values), merge duplicate (user, item) pairs (weights add up, the latest
     timestamp and rating win), then drop users with fewer than ``min_user_interactions`` items.
 
     Returns columns ``user_id, item_id, weight, rating, timestamp, market`` (strings / floats).
+    A rating column with no numeric value at all, or nothing left, is a DataError naming ``source``.
     """
+    where = f"{source}: " if source else ""
     rows_in = len(df)
     out = pd.DataFrame(
         {
@@ -207,6 +262,9 @@ def clean_interactions(
     bad = (out["weight"] <= 0) | ~np.isfinite(out["weight"])
     if has_rating_col:
         given = raw_rating.notna() & (raw_rating.astype(str).str.strip() != "")
+        if given.any() and not np.isfinite(out["rating"][given]).any():
+            example = str(raw_rating[given].iloc[0]).strip()[:40]
+            raise DataError(f"{where}column 'rating' is not numeric (e.g. {example!r})")
         bad |= given & (~np.isfinite(out["rating"]) | (out["rating"] < 0))
     dropped_rating = int(bad.sum())
     out = out[~bad]
@@ -236,7 +294,11 @@ def clean_interactions(
         out = out[keep]
     out = out.astype({"user_id": str, "item_id": str, "market": str}).reset_index(drop=True)
     if out.empty:
-        raise DataError("no interactions left after cleaning")
+        raise DataError(
+            f"{where}no interactions left after cleaning ({rows_in} rows: {dropped_ids} without ids, "
+            f"{dropped_rating} with bad ratings, {dropped_forgotten} of erased users, {dropped_sparse} of "
+            f"users with fewer than {min_user_interactions} items)"
+        )
     report = CleanReport(
         rows_in=rows_in,
         rows_out=len(out),

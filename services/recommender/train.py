@@ -29,6 +29,8 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,17 +105,29 @@ def _is_store_file(value: object) -> bool:
     return isinstance(value, str | Path) and str(value).endswith((".sqlite3", ".sqlite", ".db"))
 
 
+def _source_name(source: EventStore | str | Path) -> str:
+    """How messages and the report name an input."""
+    return f"event store {source.db.dialect}" if isinstance(source, EventStore) else str(source)
+
+
 def _read_store(source: EventStore | str | Path) -> tuple[pd.DataFrame, frozenset[str], list[Any], int, str]:
     """Interactions, erasures, upserted items, the highest seq read and a content fingerprint of an
     event store (a path: the embedded file; ``store``: the configured one; or an open store)."""
     if isinstance(source, EventStore):
-        store, owned = source, False
-    elif str(source) == STORE:
-        store, owned = configured_store(), True
-    else:
-        if not Path(source).is_file():
-            raise D.DataError(f"{source}: no such file")
-        store, owned = EventStore(source), True
+        return _read_open_store(source, owned=False)
+    if str(source) == STORE:
+        return _read_open_store(configured_store(), owned=True)
+    if not Path(source).is_file():
+        raise D.DataError(f"{source}: no such file")
+    try:
+        return _read_open_store(EventStore(source), owned=True)
+    except sqlite3.DatabaseError as exc:  # not SQLite, or not an event store
+        raise D.DataError(f"{source}: not a readable event store ({exc})") from None
+
+
+def _read_open_store(
+    store: EventStore, owned: bool
+) -> tuple[pd.DataFrame, frozenset[str], list[Any], int, str]:
     try:
         # erasures first: a user erased while we read has no events left to read
         store.refresh_forgotten()
@@ -173,19 +187,30 @@ def prepare(
         store_digests.append(digest)
     # Erasure applies to input files; the store already deleted an erased user's events, and what
     # the same id records after the erasure belongs to a new user.
-    parts = []
-    dropped_forgotten = 0
+    # Each part is cleaned on its own, then the parts together; the report adds up both passes.
+    parts, reports = [], []
     if base_raw is not None:
-        base, base_report = D.clean_interactions(base_raw, 1, forgotten)
-        dropped_forgotten = base_report.dropped_forgotten
+        base, base_report = D.clean_interactions(base_raw, 1, forgotten, source=source)
         parts.append(base)
-    parts += [D.clean_interactions(f, 1)[0] for f in store_frames if len(f)]
+        reports.append(base_report)
+    for store_source, frame in zip(stores, store_frames, strict=True):
+        if len(frame):
+            part, part_report = D.clean_interactions(frame, 1, source=_source_name(store_source))
+            parts.append(part)
+            reports.append(part_report)
+    label = " + ".join(dict.fromkeys([source, *(_source_name(s) for s in stores)]))
     if not parts:
-        raise D.DataError("no interactions to train on")
+        raise D.DataError(f"{label}: no interactions to train on")
     merged = pd.concat(parts, ignore_index=True)
-    cleaned, report = D.clean_interactions(merged, min_user_interactions)
-    report.rows_in = (len(base_raw) if base_raw is not None else 0) + sum(len(f) for f in store_frames)
-    report.dropped_forgotten = dropped_forgotten
+    try:
+        cleaned, final_report = D.clean_interactions(merged, min_user_interactions, source=label)
+    except D.DataError:  # the parts are clean and not empty: only the sparse-user rule empties this
+        raise D.DataError(
+            f"{label}: no user has {min_user_interactions} or more items (--min-user-interactions) after "
+            f"cleaning; {sum(r.rows_in for r in reports)} rows read, {len(merged)} left after dropping "
+            f"bad rows and merging duplicates"
+        ) from None
+    report = D.combine_reports(reports, final_report)
     if items is None:
         catalogue = pd.DataFrame({"item_id": pd.unique(cleaned["item_id"])})
     elif isinstance(items, pd.DataFrame):
@@ -704,7 +729,7 @@ def _parse_params(values: Sequence[str]) -> dict[str, dict[str, Any]]:
         key, _, raw = item.partition("=")
         model, _, name = key.partition(".")
         if not name or not raw:
-            raise SystemExit(f"--param wants model.name=value, got {item!r}")
+            raise ValueError(f"--param wants model.name=value, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -724,9 +749,13 @@ def _cache_path() -> Path:
     return cache
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+PROG = "python -m services.recommender.train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (the README documents each one; tests/recommender/test_readme.py checks)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--interactions",
@@ -765,22 +794,75 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="local cache of item text embeddings (default: CBEC_EMBEDDINGS_CACHE, or in CBEC_STATE_DIR)",
     )
     parser.add_argument("--device", default=os.environ.get("CBEC_DEVICE", "auto"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return parser
 
+
+def _check_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], dict[str, dict[str, Any]], list[int]]:
+    """Models, parameters and cut-offs, or exit 2 with argparse's usage error before any data is read."""
+    from .models import MODELS
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if not models or unknown:
+        parser.error(f"--models: unknown model(s) {unknown}; choose from {', '.join(sorted(MODELS))}")
+    if args.serve not in models:
+        parser.error(f"--serve {args.serve!r} is not among --models {models}")
+    try:
+        params = _parse_params(args.param)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        parser.error(f"--ks wants comma-separated whole numbers, got {args.ks!r}")
+    if not ks or min(ks) < 1:
+        parser.error(f"--ks wants positive cut-offs, got {args.ks!r}")
+    return models, params, ks
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line. Unusable input (a DataError: the file and the problem) is one line on stderr
+    and exit status 2, like argparse's own usage errors; anything else is a bug and keeps its traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    models, params, ks = _check_arguments(parser, args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _main(args, models, params, ks)
+    except D.DataError as exc:
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(
+    args: argparse.Namespace, models: list[str], params: dict[str, dict[str, Any]], ks: list[int]
+) -> None:
     device = select_device(args.device)
     t0 = time.perf_counter()
     prepared = prepare(args.interactions, args.items, args.events, args.min_user_interactions)
+    if prepared.encoding.n_users < 2:
+        inputs = " + ".join(x for x in (args.interactions, args.events) if x)
+        raise D.DataError(
+            f"{inputs}: {prepared.encoding.n_users} user left after cleaning; training needs at least 2 "
+            f"(--min-user-interactions {args.min_user_interactions})"
+        )
+    if not args.no_eval and prepared.encoding.n_items < max(ks):
+        inputs = " + ".join(x for x in (args.interactions, args.items, args.events) if x)
+        raise D.DataError(
+            f"{inputs}: {prepared.encoding.n_items} items, fewer than the largest cut-off --ks {max(ks)}"
+        )
     print(f"data: {prepared.report.to_dict()}")
     embedder = None if args.no_content else Embedder(EmbeddingCache(args.embeddings_cache or _cache_path()))
     embeddings = embed_catalogue(prepared.items, embedder, progress=True)
     config = TrainConfig(
-        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        models=models,
         serve=args.serve,
-        params=_parse_params(args.param),
+        params=params,
         tune=args.tune,
         seed=args.seed,
-        ks=[int(k) for k in args.ks.split(",")],
+        ks=ks,
         test_fraction=args.test_fraction,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()],
         kfold=args.kfold,
@@ -800,7 +882,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
     if result.version:
         print(f"\nsaved model version {result.version} in {store.dir if store else ''}")
-    print(f"evaluation: {args.out / 'evaluation.json'} and evaluation.png; {time.perf_counter() - t0:.0f}s")
+    chart_note = " and evaluation.png" if result.evaluation["splits"] else ""
+    print(f"evaluation: {args.out / 'evaluation.json'}{chart_note}; {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":
