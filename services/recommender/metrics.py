@@ -48,8 +48,11 @@ def hits(topk: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
 
 
 def per_user(hit: np.ndarray, n_pos: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Per-user metrics at ``k`` from the hit matrix (its first ``k`` columns)."""
+    """Per-user metrics at ``k`` from the hit matrix (its first ``k`` columns). A catalogue smaller
+    than ``k`` gives fewer columns: the missing ranks are misses (zero-padded)."""
     h = hit[:, :k].astype(np.float64)
+    if h.shape[1] < k:
+        h = np.pad(h, ((0, 0), (0, k - h.shape[1])))
     n_pos = np.asarray(n_pos, dtype=np.float64)
     n_hits = h.sum(1)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))

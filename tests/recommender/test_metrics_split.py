@@ -40,6 +40,14 @@ def test_ndcg_ideal_is_capped_at_k() -> None:
     assert metrics.per_user(np.zeros((1, 3), bool), np.array([2]), 3)["ndcg"] == pytest.approx([0.0])
 
 
+def test_a_catalogue_smaller_than_k_counts_the_missing_ranks_as_misses() -> None:
+    # 3 items in all, metrics at 10: the same as a 10-wide hit row with 7 misses
+    short = metrics.per_user(np.array([[0, 1, 1]], dtype=bool), np.array([2]), 10)
+    padded = metrics.per_user(np.array([[0, 1, 1] + [0] * 7], dtype=bool), np.array([2]), 10)
+    assert {k: list(v) for k, v in short.items()} == {k: list(v) for k, v in padded.items()}
+    assert short["precision"] == pytest.approx([0.2])
+
+
 def test_top_k_excludes_training_items_and_orders_best_first() -> None:
     scores = np.array([[0.9, 0.1, 0.8, 0.7], [0.1, 0.2, 0.3, 0.4]])
     exclude = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0]]))
