@@ -42,6 +42,9 @@ class RuntimeSettings(BaseSettings):
     grpc_port: int = Field(0, ge=0, le=65535, description="0 picks a free port (tests).")
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_enabled: bool = True
+    metrics_host: str = Field(
+        "", description="Listen address of the metrics endpoint; empty: the same as CBEC_HOST."
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     max_concurrent_calls: int = Field(256, ge=1, le=100_000)
     grace_period_s: float = Field(20.0, ge=0, le=600)

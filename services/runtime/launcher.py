@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,27 @@ def internal_token_file(state_dir: Path) -> Path:
     return path
 
 
+def environment(base: Mapping[str, str], models_dir: Path, grace: float) -> dict[str, str]:
+    """What every process of ``make run`` gets (tests that start the suite their own way use it too)."""
+    env = {
+        **base,
+        "CBEC_MODELS_DIR": str(models_dir.resolve()),
+        # Embedded state: one SQLite file per store under one folder, never in the code or models dir.
+        "CBEC_STATE_DIR": base.get("CBEC_STATE_DIR", str(ROOT / "var")),
+        "CBEC_GRACE_PERIOD_S": str(grace),
+    }
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not env.get(TOKEN_ENV):
+        env[TOKEN_ENV] = str(internal_token_file(Path(env["CBEC_STATE_DIR"])))
+    # make run is a developer's laptop: the gateway accepts its documented development key there
+    # (production defaults to CBEC_ENV=prod, which refuses it).
+    env.setdefault("CBEC_ENV", "dev")
+    # The gateway's API is the one public listener; every metrics endpoint (the gateway's included,
+    # which names API keys in its labels) stays on loopback.
+    env.setdefault("CBEC_METRICS_HOST", "127.0.0.1")
+    return env
+
+
 def stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
     for proc in procs.values():
         if proc.poll() is None:
@@ -146,19 +168,7 @@ def main() -> None:
     if not specs:
         console.print("[red]no service exists yet (no services/<name>/__main__.py)[/]")
         sys.exit(1)
-    env = {
-        **os.environ,
-        "CBEC_MODELS_DIR": str(args.models_dir.resolve()),
-        # Embedded state: one SQLite file per store under one folder, never in the code or models dir.
-        "CBEC_STATE_DIR": os.environ.get("CBEC_STATE_DIR", str(ROOT / "var")),
-        "CBEC_GRACE_PERIOD_S": str(args.grace),
-    }
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if not env.get(TOKEN_ENV):
-        env[TOKEN_ENV] = str(internal_token_file(Path(env["CBEC_STATE_DIR"])))
-    # make run is a developer's laptop: the gateway accepts its documented development key there
-    # (production defaults to CBEC_ENV=prod, which refuses it).
-    env.setdefault("CBEC_ENV", "dev")
+    env = environment(os.environ, args.models_dir, args.grace)
     if not args.no_prepare:
         for spec in specs:
             prepare(spec, env)

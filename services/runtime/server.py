@@ -225,7 +225,9 @@ class Server:
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
         if s.metrics_enabled:
-            self._metrics_server, self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            self._metrics_server, self.metrics_port = self.metrics.serve(
+                s.metrics_host or s.host, s.metrics_port
+            )
         await server.start()
         self._server = server
         log.info(

@@ -192,21 +192,12 @@ def _keys_document(keys: dict[str, str]) -> str:
 
 
 def _environment(work: Path, models_dir: Path) -> dict[str, str]:
-    """What the launcher gives every service (see ``services/runtime/launcher.py``)."""
-    from services.runtime.access import TOKEN_ENV
-    from services.runtime.launcher import internal_token_file
+    """What the launcher gives every service (``services.runtime.launcher.environment``)."""
+    from services.runtime.launcher import environment
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}
-    return {
-        **base,
-        "CBEC_MODELS_DIR": str(models_dir.resolve()),
-        "CBEC_STATE_DIR": str(work / "var"),
-        TOKEN_ENV: str(internal_token_file(work / "var")),
-        "CBEC_GRACE_PERIOD_S": "2",
-        "CBEC_ENV": "dev",
-        "PYTHONUNBUFFERED": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-    }
+    base.update({"CBEC_STATE_DIR": str(work / "var"), "OPENBLAS_NUM_THREADS": "1"})
+    return environment(base, models_dir, grace=2)
 
 
 @contextlib.contextmanager

@@ -292,6 +292,13 @@ def test_services_listen_on_loopback_only(suite: Suite, service: str) -> None:
         assert set(addresses) <= LOOPBACK, f"{service} listens on {addresses} (port {port}), not loopback"
 
 
+def test_the_gateway_metrics_stay_on_loopback(suite: Suite) -> None:
+    """The gateway's API is the one public listener; its metrics (which name API keys) are not."""
+    port = suite.processes["gateway"].metrics_port
+    addresses = _listening(port)
+    assert addresses and set(addresses) <= LOOPBACK, f"gateway metrics listen on {addresses}"
+
+
 # --- 3. identity comes from credentials ------------------------------------------------------------
 async def converse(
     session: aiohttp.ClientSession, message: str, **body: Any
