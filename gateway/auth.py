@@ -56,7 +56,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from services.runtime.access import read_token
-from services.runtime.errors import Violation
+from services.runtime.errors import Violation, quote
 
 from .config import GatewaySettings, parse_keys_document, read_keys_file
 from .descriptors import MethodInfo
@@ -562,10 +562,6 @@ def _holders(message: Message, chain: tuple[FieldDescriptor, ...], path: str) ->
         yield from _holders(getattr(message, head.name), rest, f"{path}{head.name}.")
 
 
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= 64 else value[:64] + "...")
-
-
 def bind_user(info: MethodInfo, message: Message) -> str:
     """Check and fill the request's user id fields from the credentials; returns the user the call is
     for (also what the backends are told). Raises PERMISSION_DENIED naming the field when the body
@@ -591,9 +587,9 @@ def bind_user(info: MethodInfo, message: Message) -> str:
                     continue
                 if value != own and not principal.acts_for_users:
                     why = (
-                        f"names user {_shown(value)}, but these credentials are for user {_shown(own)}"
+                        f"names user {quote(value)}, but these credentials are for user {quote(own)}"
                         if own
-                        else f"names user {_shown(value)}, but these credentials are not bound to a user "
+                        else f"names user {quote(value)}, but these credentials are not bound to a user "
                         f"and lack the {ACT_AS_USER!r} scope"
                     )
                     raise GatewayError(

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from services.runtime.errors import InvalidArgument, ServiceError, Violation
+from services.runtime.errors import QUOTE_CHARS, InvalidArgument, ServiceError, Violation, quote
 
 from .descriptors import Route, field_by_path
 from .errors import GatewayError
@@ -55,7 +55,6 @@ _TIMEOUT_RE = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # Standard or URL-safe alphabet, padded or not (the proto3 JSON mapping accepts both).
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
-_QUOTE_MAX = 64
 _NUMERIC_TYPES = frozenset(
     {
         FieldDescriptor.TYPE_DOUBLE,
@@ -102,12 +101,6 @@ def too_slow(what: str, timeout: float) -> GatewayError:
     )
 
 
-def quote(value: Any) -> str:
-    """``repr`` of a value from the request, cut at 64 characters: an error never repeats a huge input."""
-    text = repr(value)
-    return text if len(text) <= _QUOTE_MAX else text[: _QUOTE_MAX - 3] + "..."
-
-
 def bad(field: str, description: str) -> ServiceError:
     return InvalidArgument([Violation(field, description)])
 
@@ -144,7 +137,7 @@ def parse_json(data: bytes, what: str = "body") -> Any:
     try:
         return json.loads(data, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
-        raise bad(_in(what, exc.key[:_QUOTE_MAX]), "is given twice in one JSON object") from None
+        raise bad(_in(what, exc.key[:QUOTE_CHARS]), "is given twice in one JSON object") from None
     except UnicodeDecodeError:
         raise bad(what, "is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -293,10 +286,7 @@ def parse_message(cls: type[Message], obj: Any, what: str = "body") -> Message:
         strict_check(cls.DESCRIPTOR, obj, "", what)
         json_format.ParseDict(obj, message, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
-        description = str(exc).split("\n")[0]
-        if len(description) > 4 * _QUOTE_MAX:
-            description = description[: 4 * _QUOTE_MAX - 3] + "..."
-        raise bad(what, description) from None
+        raise bad(what, str(exc).split("\n")[0]) from None  # Violation caps its description
     except RecursionError:
         raise bad(what, "is nested too deeply") from None
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
