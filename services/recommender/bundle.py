@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from services.runtime.device import Device
 
 from .index import VectorIndex
-from .models import EASE, Popularity, Recommender, VectorModel
+from .models import EASE, Popularity, Recommender, SparseEASE, VectorModel
 from .models.hybrid import Hybrid
 
 ALL_MARKETS = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -118,11 +118,13 @@ class Bundle:
                 return self._collab
         return None
 
-    def ease_matrix(self) -> np.ndarray | None:
+    def ease_matrix(self) -> np.ndarray | sp.csr_matrix | None:
+        """The EASE family's item x item B: dense for EASE and its variants (session_ease), CSR for
+        sparse_ease."""
         model = self.model
         candidates = list(model.components.values()) if isinstance(model, Hybrid) else [model]
         for m in candidates:
-            if isinstance(m, EASE):  # EASE and its variants (session_ease) keep an item x item B
+            if isinstance(m, EASE | SparseEASE):
                 return m.B
         return None
 

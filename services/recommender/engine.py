@@ -14,7 +14,8 @@ mutable serving state; the store is read outside it and each batch is applied un
 Strategies:
 - no history at all: market-aware popularity (COLD_START);
 - a user the model never saw, with fewer than ``personalise_min_events`` items: similarity to
-  the text of what they touched (CONTENT), when the catalogue has text;
+  the text of what they touched plus the market-popularity prior (CONTENT), when the catalogue
+  has text;
 - otherwise the serving model (PERSONALISED, or HYBRID for the blend). Vector models search the
   FAISS index with the user's vector (trained, or moved by the new events through fold-in) and
   filter the candidates, widening the search until ``k`` pass the filters; the others score the
@@ -46,6 +47,45 @@ from .settings import RecommenderSettings
 MARKET_RE = re.compile(r"^[A-Z]{2}$")
 PERSONALISED, COLD_START, CONTENT, HYBRID = "personalised", "cold_start", "content", "hybrid"
 _VECTOR_CACHE_MAX = 200_000
+#: Weight of (0..1) market popularity beside content similarity for users with a little history:
+#: with one or two items, "like what they touched" alone ranks far below plain popularity
+#: (bench/recommender.py, cold start); the prior keeps the popular items among the similar ones.
+COLD_POPULARITY_WEIGHT = 1.0
+
+
+def content_profile(content: np.ndarray, hist: sp.csr_matrix) -> np.ndarray | None:
+    """Unit-length, weight-averaged embedding of the items in ``hist`` (one user row)."""
+    total = hist.data @ content[hist.indices] if hist.nnz else np.zeros(content.shape[1], np.float32)
+    norm = float(np.linalg.norm(total))
+    return (total / norm).astype(np.float32) if norm > 0 else None
+
+
+def new_item_prior(
+    popularity: np.ndarray, content: np.ndarray | None, new_emb: np.ndarray, k: int = 10
+) -> np.ndarray:
+    """Popularity prior of items nobody has touched yet: the upper quartile of the popularity of
+    their ``k`` most similar catalogue items by text (0 without catalogue text). The catalogue's
+    median buries new items; the neighbours' mean too (the long tail pulls it down); their max
+    floods the lists. The upper quartile gives new items about their share of the top 50
+    (bench/recommender.py, new_item_share_of_top_50, checked on a seed other than the bench's)."""
+    if content is None or not len(new_emb) or not len(content):
+        return np.zeros(len(new_emb), np.float32)
+    k = min(k, len(content))
+    sims = new_emb @ content.T
+    near = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return np.quantile(popularity[near], 0.75, axis=1).astype(np.float32)
+
+
+def cold_content_scores(
+    content: np.ndarray, q: np.ndarray, popularity: np.ndarray | None, weight: float = COLD_POPULARITY_WEIGHT
+) -> np.ndarray:
+    """The content path's scores: similarity to the profile ``q`` plus the popularity prior."""
+    scores = content @ q
+    if popularity is not None and weight:
+        scores = scores + weight * popularity[: len(scores)]
+    return scores.astype(np.float32)
+
+
 FOLD_BATCH = 5000  # events read and applied per step of a catch-up
 log = logging.getLogger("cbec.recommender.engine")
 
@@ -163,6 +203,7 @@ class Engine:
         self.vectors: dict[str, np.ndarray] = {}
         self.live_pop: dict[str, dict[int, float]] = defaultdict(dict)
         self._pop_order: dict[str, np.ndarray] = {}
+        self._new_prior: dict[str, np.ndarray] = {}
         model = bundle.model
         self.vector_model = model if isinstance(model, VectorModel) else None
         self._item_matrix = self.vector_model.item_matrix() if self.vector_model is not None else None
@@ -287,6 +328,7 @@ class Engine:
                     added[j - len(self.new.emb)] = vector
         if added:
             self.new.emb = np.vstack([self.new.emb, np.stack(added).astype(np.float32)])
+        self._new_prior.clear()  # the new items' popularity priors (content path), recomputed lazily
 
     def col_of(self, item_id: str) -> int:
         """Column of an item (catalogue or upserted), -1 if unknown."""
@@ -505,7 +547,7 @@ class Engine:
         if st.row < 0 and len(touched) < self.settings.personalise_min_events and self._has_content():
             q = self._content_profile(st.hist, st.new)
             if q is not None:
-                picked = self._content_search(q, k, f)
+                picked = self._content_search(q, k, f, market)
                 explainer = self._content_explainer(st.hist, st.new) if explain else None
                 return self._resolve(picked, explainer), CONTENT
         picked = self._personalised(user_id, st, k, f)
@@ -624,18 +666,23 @@ class Engine:
         norm = float(np.linalg.norm(total))
         return total / norm if norm > 0 else None
 
-    def _content_search(self, q: np.ndarray, k: int, f: Filters) -> list[tuple[int, float]]:
+    def _content_search(self, q: np.ndarray, k: int, f: Filters, market: str = "") -> list[tuple[int, float]]:
+        """Content similarity plus the market-popularity prior (``cold_content_scores``)."""
         cols_list, vals_list = [], []
+        pop = self.b.popularity.for_market(market)
         if self.content is not None:
             ok = self._full_mask(f)
             cols = np.flatnonzero(ok)
             cols_list.append(cols)
-            vals_list.append(self.content[cols] @ q)
+            vals_list.append(cold_content_scores(self.content[cols], q, pop[cols]))
         if self.new.ids:
             cols = self.n_main + np.arange(len(self.new.ids))
             keep = self._allowed(cols, f)
             cols_list.append(cols[keep])
-            vals_list.append(self.new.emb[keep] @ q)
+            prior = self._new_prior.get(market)
+            if prior is None or len(prior) != len(self.new.ids):
+                prior = self._new_prior[market] = new_item_prior(pop, self.content, self.new.emb)
+            vals_list.append(cold_content_scores(self.new.emb[keep], q, prior[keep]))
         if not cols_list:
             return []
         return self._top(np.concatenate(cols_list), np.concatenate(vals_list).astype(np.float32), k)
@@ -716,7 +763,8 @@ class Engine:
             if collab is not None:
                 sims = collab @ collab[col]
             else:
-                sims = np.asarray(ease[col] + ease[:, col], dtype=np.float32)  # type: ignore[index]
+                both = ease[col] + ease[:, col].T  # type: ignore[index]
+                sims = np.asarray(both.todense() if sp.issparse(both) else both, dtype=np.float32).ravel()
                 top = float(np.abs(sims).max()) or 1.0
                 sims = sims / top
             parts.append((np.arange(self.n_main), sims.astype(np.float32)))

@@ -37,7 +37,7 @@ class RecommenderSettings(RuntimeSettings):
     max_interactions_per_call: int = Field(1000, ge=1, le=1000)
     max_items_per_call: int = Field(256, ge=1, le=256)
     personalise_min_events: int = Field(
-        3,
+        5,
         ge=1,
         description="A user the model never saw is served by content similarity until this many events.",
     )

@@ -33,7 +33,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from services.runtime.device import Device, select_device
 from services.runtime.model_store import ModelStore
 
 from . import data as D
+from . import tuning
 from .bundle import save_bundle
 from .embeddings import Embedder, EmbeddingCache, item_text
 from .events import EventStore
@@ -57,12 +58,13 @@ log = logging.getLogger("cbec.recommender.train")
 BASE_MODELS = ("popularity", "als", "bpr", "ease", "session_ease", "torch_mf", "content")
 ALL_MODELS = (*BASE_MODELS, "hybrid")
 
-# Search spaces for tuning on the validation split ("quick" tunes EASE, ALS and the blend).
+# Search spaces for tuning on the validation split ("quick": EASE, ALS, popularity and the blend).
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "ease": [{"l2": v} for v in (150.0, 250.0, 400.0, 550.0, 750.0, 1000.0, 1500.0)],
     "als": [{"regularization": r, "alpha": a} for r in (5.0, 10.0, 20.0, 40.0) for a in (1.0, 2.0, 4.0)],
     "bpr": [{"learning_rate": lr, "regularization": r} for lr in (0.005, 0.01) for r in (0.02, 0.05, 0.1)],
     "torch_mf": [{"weight_decay": wd} for wd in (3e-5, 1e-4, 3e-4)],
+    "sparse_ease": [{"l2": v} for v in (50.0, 100.0, 200.0, 400.0, 800.0)],
     # EASE's l2 with dropout (DLAE for p > 0, EASE for p = 0), session co-occurrence on or off
     # and the popularity discount: whichever parts help on this data are kept.
     "session_ease": [
@@ -71,8 +73,16 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         for sw in (0.0, 1.0)
         for g in (0.0, 0.1)
     ],
+    # What users with no history see: counting window and decay half-life, None = all time / none
+    # (first, so that a tie keeps the plainest counts).
+    "popularity": [
+        {"window_days": w, "half_life_days": h} for w in (None, 90.0, 30.0, 7.0) for h in (None, 30.0, 7.0)
+    ],
 }
-QUICK = ("ease", "als", "session_ease")
+QUICK = ("ease", "als", "session_ease", "sparse_ease", "popularity")
+#: The default tuning budget: a 100k-interaction data set trains end to end in about three
+#: minutes on two cores with it (bench/recommender.py, train_seconds_*).
+DEFAULT_BUDGET_MINUTES = 1.0
 BLEND_STEPS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -289,6 +299,8 @@ class TrainConfig:
     progress: bool = True
     max_eval_users: int = 0
     validation_folds: int = 1
+    search: str = "budget"  # budget (Optuna, tuning.py) | grid (every setting of GRIDS)
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES
 
 
 @dataclass
@@ -317,15 +329,21 @@ def _context(
 
 
 def available(models: Sequence[str], embeddings: np.ndarray | None, n_items: int) -> list[str]:
-    out = []
+    """The models that can train on this catalogue. The dense EASE family needs items x items
+    matrices: past ``EASE.defaults["max_items"]`` it is replaced by ``sparse_ease`` (deploy/CAPACITY.md)."""
+    from .models import EASE
+
+    out: list[str] = []
+    dense_max = int(EASE.defaults["max_items"])
     for name in models:
         if name == "content" and embeddings is None:
             log.warning("no item text: skipping the content model")
             continue
-        if name in ("ease", "session_ease") and n_items > 20000:
-            log.warning("%s needs a dense %d x %d matrix: skipping it", name, n_items, n_items)
-            continue
-        out.append(name)
+        if name in ("ease", "session_ease") and n_items > dense_max:
+            log.warning("%s needs a dense %d x %d matrix: using sparse_ease instead", name, n_items, n_items)
+            name = "sparse_ease"
+        if name not in out:
+            out.append(name)
     return out
 
 
@@ -414,26 +432,99 @@ def tune(
     embeddings: np.ndarray | None,
     device: Device,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Tune on ``validation_folds`` validation splits carved from ``train``: each setting is scored
-    by its NDCG@10 averaged over the folds, which halves the noise of one split."""
+    """Tune on ``validation_folds`` validation splits carved from ``train`` (each setting scored by
+    its NDCG@10 averaged over the folds): Optuna under ``config.budget_minutes`` (tuning.py), or
+    the exhaustive ``GRIDS`` (``search="grid"``, the reference the budgeted search is judged by).
+    Then the hybrid's blend weights, on the tuned components' validation scores."""
     from tqdm.auto import tqdm
 
     params = {n: dict(config.params.get(n, {})) for n in names}
     if config.tune == "none":
         return params, {}
     enc = prepared.encoding
+    valids = validation_splits(train, config)
     folds = []
-    for valid in validation_splits(train, config):
+    for valid in valids:
         X, T = enc.matrix(valid.train), enc.matrix(valid.test, binary=True)
         ctx = _context(prepared, valid.train, embeddings, device, config.seed, False)
-        folds.append((X, T, ctx, _eval_users(T, config.max_eval_users, config.seed)))
-    report: dict[str, Any] = {
-        "validation": [v.describe() for v in validation_splits(train, config)],
-        "grid": {},
-    }
-    tunable = [n for n in names if n in GRIDS and (config.tune == "full" or n in QUICK)]
+        folds.append(tuning.Fold(X, T, ctx, _eval_users(T, config.max_eval_users, config.seed)))
+    report: dict[str, Any] = {"validation": [v.describe() for v in valids], "search": config.search}
+    tunable = [
+        n
+        for n in names
+        if (config.tune == "full" or n in QUICK)
+        and (tuning.free_space(n, config.params.get(n, {})) if config.search == "budget" else n in GRIDS)
+    ]
+    scores: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    if config.search == "grid":
+        report["grid"] = _grid_search(tunable, params, folds, config)
+        for name, entry in report["grid"].items():
+            params[name].update(entry["best"])
+    else:
+        budget = max(0.0, config.budget_minutes * 60.0)
+        report.update({"budget_s": budget, "studies": {}})
+        clock = lambda: time.perf_counter() - t0  # noqa: E731
+
+        with tqdm(
+            total=round(budget), desc="tuning on validation", unit="s", disable=not config.progress
+        ) as bar:
+
+            def progress(study: tuning.Study, trial: dict[str, Any]) -> None:
+                bar.n = min(round(clock()), bar.total)
+                bar.set_postfix_str(
+                    f"{study.name} trial {len(study.trials)} best ndcg@10={study.best_value:.4f}"
+                )
+
+            for i, name in enumerate(tunable):
+                share = max(0.0, budget - clock()) / (len(tunable) - i)
+                study = tuning.search(name, params[name], folds, share, config.seed, clock, progress)
+                params[name] = study.best_params
+                scores[name] = study.best_scores
+                report["studies"][name] = {
+                    "best": {
+                        k: study.best_params.get(k)
+                        for k in tuning.free_space(name, config.params.get(name, {}))
+                    },
+                    "ndcg@10": round(study.best_value, 5),
+                    "trials": study.trials,
+                }
+            bar.n = min(round(clock()), bar.total)
+            bar.refresh()
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    validation = {n: e["ndcg@10"] for n, e in (report.get("studies") or report.get("grid") or {}).items()}
+    if "hybrid" in names:
+        components = [n for n in names if n != "hybrid"]
+        for n in components:  # components not tuned: one fit per fold
+            if n not in scores:
+                scores[n] = [build(n, **params[n]).fit_scores(f.X, f.ctx, f.users) for f in folds]
+        stacked = {n: np.vstack(v) for n, v in scores.items() if n in components}
+        X_all = sp.vstack([f.X[f.users] for f in folds]).tocsr()
+        T_all = sp.vstack([f.T[f.users] for f in folds]).tocsr()
+        rows = np.arange(X_all.shape[0])
+        weights, value = tune_blend(stacked, X_all, T_all, rows)
+        params["hybrid"] = {"weights": weights, "components": {n: params[n] for n in components}}
+        report["blend"] = {"weights": weights, "ndcg@10": round(value, 5)}
+        for n in components:
+            if n not in validation:
+                s = stacked[n]
+                validation[n] = round(
+                    evaluate(lambda r, s=s: s[r], X_all, T_all, (10,), users=rows).mean["ndcg@10"], 5
+                )
+        validation["hybrid"] = round(value, 5)
+    report["validation_ndcg@10"] = validation
+    return params, report
+
+
+def _grid_search(
+    tunable: Sequence[str], params: dict[str, dict[str, Any]], folds: list[tuning.Fold], config: TrainConfig
+) -> dict[str, Any]:
+    """Every setting of ``GRIDS`` on every fold (``--search grid``)."""
+    from tqdm.auto import tqdm
+
+    out: dict[str, Any] = {}
     total = sum(len(GRIDS[n]) for n in tunable) * len(folds)
-    with tqdm(total=total, desc="tuning on validation", disable=not config.progress) as bar:
+    with tqdm(total=total, desc="tuning on validation (grid)", disable=not config.progress) as bar:
         for name in tunable:
             results = []
             for grid_params in GRIDS[name]:
@@ -441,47 +532,20 @@ def tune(
                     continue  # set explicitly: not tuned
                 trial = {**params[name], **grid_params}
                 values = []
-                for X, T, ctx, users in folds:
-                    model = build(name, **trial)
-                    model.fit(X, ctx)
-                    values.append(evaluate(_scorer(model, X), X, T, (10,), users=users).mean["ndcg@10"])
+                for f in folds:
+                    s = build(name, **trial).fit_scores(f.X, f.ctx, f.users)
+                    values.append(tuning._ndcg(s, f))
                     bar.update(1)
-                value = float(np.mean(values))
-                results.append((value, grid_params))
-                bar.set_postfix_str(f"{name} {grid_params} ndcg@10={value:.4f}")
+                results.append((float(np.mean(values)), grid_params))
+                bar.set_postfix_str(f"{name} {grid_params} ndcg@10={results[-1][0]:.4f}")
             if results:
                 best_value, best_params = max(results, key=lambda r: r[0])
-                params[name].update(best_params)
-                report["grid"][name] = {
+                out[name] = {
                     "best": best_params,
                     "ndcg@10": round(best_value, 5),
                     "tried": [{"params": p, "ndcg@10": round(v, 5)} for v, p in results],
                 }
-    if "hybrid" in names:
-        components = [n for n in names if n != "hybrid"]
-        stacked: dict[str, list[np.ndarray]] = {n: [] for n in components}
-        Xs, Ts = [], []
-        for X, T, ctx, users in folds:
-            fitted = fit_models(components, X, ctx, params)
-            for n, m in fitted.items():
-                stacked[n].append(m.score(users, X[users]))
-            Xs.append(X[users])
-            Ts.append(T[users])
-        scores = {n: np.vstack(v) for n, v in stacked.items()}
-        X_all, T_all = sp.vstack(Xs).tocsr(), sp.vstack(Ts).tocsr()
-        weights, value = tune_blend(scores, X_all, T_all, np.arange(X_all.shape[0]))
-        params["hybrid"] = {"weights": weights, "components": {n: params[n] for n in components}}
-        report["blend"] = {"weights": weights, "ndcg@10": round(value, 5)}
-        rows = np.arange(X_all.shape[0])
-        for n in components:
-            if n not in report["grid"]:
-                s = scores[n]
-                single = evaluate(lambda r, s=s: s[r], X_all, T_all, (10,), users=rows).mean["ndcg@10"]
-                report.setdefault("validation_ndcg@10", {})[n] = round(single, 5)
-        report.setdefault("validation_ndcg@10", {})["hybrid"] = round(value, 5)
-    for n, entry in report["grid"].items():
-        report.setdefault("validation_ndcg@10", {})[n] = entry["ndcg@10"]
-    return params, report
+    return out
 
 
 def make_hybrid(fitted: dict[str, Recommender], params: dict[str, Any]) -> Hybrid:
@@ -637,6 +701,8 @@ def run(
 ) -> TrainResult:
     """Steps 3-5 on prepared data."""
     names = available(config.models, embeddings, prepared.encoding.n_items)
+    if config.serve in ("ease", "session_ease") and config.serve not in names and "sparse_ease" in names:
+        config = replace(config, serve="sparse_ease")  # past the dense limit: see available()
     if config.serve not in names:
         raise ValueError(f"the serving model {config.serve!r} is not among the trained models {names}")
     evaluation: dict[str, Any] = {
@@ -662,8 +728,8 @@ def run(
     metrics: dict[str, float] = {}
     if config.evaluate:
         primary = random_holdout(prepared.interactions, config.test_fraction, config.seed)
-        params, tuning = tune(prepared, primary.train, names, config, embeddings, device)
-        evaluation["tuning"] = tuning
+        params, tuned = tune(prepared, primary.train, names, config, embeddings, device)
+        evaluation["tuning"] = tuned
         splits = []
         if "random" in config.splits:
             splits.append(primary)
@@ -705,6 +771,15 @@ def run(
         if evaluation["splits"]:
             chart(evaluation, out_dir / "evaluation.png")
             files["evaluation.png"] = out_dir / "evaluation.png"
+        if per_user:  # per-user NDCG@10, for paired comparisons between runs (bench/recommender.py)
+            np.savez_compressed(
+                out_dir / "per_user_ndcg.npz",
+                **{f"{split}/{model}": v for split, by in per_user.items() for model, v in by.items()},
+            )
+        studies = evaluation.get("tuning", {}).get("studies")
+        if studies:
+            tuning.chart(studies, out_dir / "tuning.png", evaluation["tuning"]["budget_s"])
+            files["tuning.png"] = out_dir / "tuning.png"
     version = ""
     if store is not None:
         version = train_and_save(
@@ -771,7 +846,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated models to train")
     parser.add_argument("--serve", default="hybrid", help="the model saved for serving")
     parser.add_argument("--param", action="append", default=[], help="model.name=value (repeatable)")
-    parser.add_argument("--tune", choices=["none", "quick", "full"], default="quick")
+    parser.add_argument(
+        "--tune",
+        choices=["none", "quick", "full"],
+        default="quick",
+        help="which models are tuned: quick = EASE family, ALS, popularity; full = also BPR, torch_mf",
+    )
+    parser.add_argument(
+        "--search",
+        choices=["budget", "grid"],
+        default="budget",
+        help="budget: Optuna within --budget-minutes; grid: every setting of the fixed grids",
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=DEFAULT_BUDGET_MINUTES,
+        help="time for the hyperparameter search (--search budget)",
+    )
     parser.add_argument("--splits", default="random,temporal")
     parser.add_argument("--kfold", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -819,6 +911,8 @@ def _check_arguments(
         parser.error(f"--ks wants comma-separated whole numbers, got {args.ks!r}")
     if not ks or min(ks) < 1:
         parser.error(f"--ks wants positive cut-offs, got {args.ks!r}")
+    if not (args.budget_minutes >= 0 and np.isfinite(args.budget_minutes)):
+        parser.error(f"--budget-minutes wants a number of minutes >= 0, got {args.budget_minutes!r}")
     return models, params, ks
 
 
@@ -870,6 +964,8 @@ def _main(
         evaluate=not args.no_eval,
         max_eval_users=args.max_eval_users,
         validation_folds=args.validation_folds,
+        search=args.search,
+        budget_minutes=args.budget_minutes,
     )
     store = None if args.no_save else ModelStore(args.models_dir, "recommender")
     result = run(prepared, config, embeddings, device, store, args.out)
@@ -883,6 +979,7 @@ def _main(
     if result.version:
         print(f"\nsaved model version {result.version} in {store.dir if store else ''}")
     chart_note = " and evaluation.png" if result.evaluation["splits"] else ""
+    chart_note += ", tuning.png" if result.evaluation.get("tuning", {}).get("studies") else ""
     print(f"evaluation: {args.out / 'evaluation.json'}{chart_note}; {time.perf_counter() - t0:.0f}s")
 
 

@@ -191,3 +191,116 @@ def test_unknown_parameters_and_models_are_refused() -> None:
         build("svd++")
     with pytest.raises(ValueError, match="EASE needs"):
         build("ease", max_items=10).fit(sp.csr_matrix((2, 11), dtype=np.float32), FitContext())
+
+
+def test_popularity_all_time_counts_every_event_undecayed(planted: tuple) -> None:
+    X, _, ctx = planted
+    df = ctx.interactions.copy()
+    df["timestamp"] = np.where(df["item_idx"] == 0, 0.0, 400 * 86400.0)  # item 0: only long ago
+    recent = build("popularity", window_days=30, half_life_days=7)
+    recent.fit(X, FitContext(interactions=df))
+    assert recent.global_pop[0] == 0.0  # outside the window
+    all_time = build("popularity", window_days=None, half_life_days=None)
+    all_time.fit(X, FitContext(interactions=df))
+    counts = np.bincount(df["item_idx"], minlength=N_ITEMS).astype(np.float32)
+    np.testing.assert_allclose(all_time.global_pop, counts / counts.max(), rtol=1e-6)
+    window_only = build("popularity", window_days=None, half_life_days=30)
+    window_only.fit(X, FitContext(interactions=df))
+    assert 0 < window_only.global_pop[0] < all_time.global_pop[0]  # counted, but decayed
+
+
+def test_popularity_grid_is_tuned_with_all_time_among_the_choices() -> None:
+    """Item "old" was bought by everyone long ago, "new" by a few lately: a random holdout finds
+    "old" in most test sets, so tuning must pick undecayed all-time counts (a tie keeps all time)."""
+    from services.recommender import train
+    from services.runtime.device import Device
+
+    grid = train.GRIDS["popularity"]
+    assert {"window_days": None, "half_life_days": None} in grid
+    assert "popularity" in train.QUICK
+    rng = np.random.default_rng(1)
+    rows = []
+    day = 86400.0
+    for u in range(60):
+        rows += [(f"u{u}", "old", 1.0, rng.uniform(0, 200) * day) for _ in range(1)]
+        rows += [
+            (f"u{u}", f"filler{j}", 1.0, rng.uniform(0, 400) * day) for j in rng.choice(30, 4, replace=False)
+        ]
+        if u < 8:
+            rows.append((f"u{u}", "new", 1.0, 399 * day))
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    prepared = train.prepare(df)
+    config = train.TrainConfig(
+        models=("popularity",), serve="popularity", tune="quick", seed=0, progress=False
+    )
+    params, report = train.tune(prepared, prepared.interactions, ["popularity"], config, None, Device("cpu"))
+    assert len(report["studies"]["popularity"]["trials"]) == len(grid)  # exhaustive: a small grid
+    tried = report["studies"]["popularity"]["trials"]
+    best = report["studies"]["popularity"]["ndcg@10"]
+    assert all(t["ndcg@10"] < best for t in tried if t["params"]["half_life_days"] is not None)
+    assert params["popularity"]["window_days"] is None and params["popularity"]["half_life_days"] is None
+    explicit = train.TrainConfig(
+        models=("popularity",),
+        serve="popularity",
+        seed=0,
+        progress=False,
+        params={"popularity": {"window_days": 7.0}},
+    )
+    params, report = train.tune(
+        prepared, prepared.interactions, ["popularity"], explicit, None, Device("cpu")
+    )
+    studies = report["studies"]["popularity"]["trials"]  # only the half-life is left to tune
+    assert params["popularity"]["window_days"] == 7.0 and all(
+        set(t["params"]) == {"half_life_days"} for t in studies
+    )
+
+
+def test_cold_start_protocol_keeps_the_first_events_and_judges_the_rest() -> None:
+    from bench.recommender import cold_start_ndcg, cold_start_split
+    from services.recommender.data import Encoding
+
+    rng = np.random.default_rng(2)
+    rows = [
+        (f"u{u}", f"i{j}", float(t))
+        for u in range(50)
+        for t, j in enumerate(rng.choice(40, 10, replace=False))
+    ]
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    df["weight"] = 1.0
+    for n in (0, 1, 3):
+        tr, te, cold = cold_start_split(df, n, cold_share=0.2, seed=0)
+        assert len(cold) == 10
+        kept = tr[tr["user_id"].isin(cold)].groupby("user_id")["timestamp"]
+        assert (kept.size().reindex(cold, fill_value=0) == n).all()
+        if n:
+            assert (kept.max() < te.groupby("user_id")["timestamp"].min().reindex(kept.max().index)).all()
+        assert set(te["user_id"]) == set(cold)
+        assert len(tr) + len(te) == len(df)
+    enc = Encoding.fit(df)
+    tr, te, cold = cold_start_split(df, 1, seed=0)
+    truth = enc.matrix(te, binary=True).toarray()
+
+    def oracle(rows: np.ndarray, X: sp.csr_matrix) -> np.ndarray:
+        return truth[rows]
+
+    def anti(rows: np.ndarray, X: sp.csr_matrix) -> np.ndarray:
+        return -truth[rows]
+
+    assert cold_start_ndcg(enc, tr, te, cold, oracle) == pytest.approx(1.0)
+    assert cold_start_ndcg(enc, tr, te, cold, anti) < 0.5
+
+
+def test_content_path_blends_popularity_and_new_items_get_their_neighbours_prior() -> None:
+    from services.recommender.engine import cold_content_scores, content_profile, new_item_prior
+
+    content = np.eye(4, dtype=np.float32)[[0, 0, 1, 1]]  # items 0,1 alike; 2,3 alike
+    hist = sp.csr_matrix(([1.0], ([0], [2])), shape=(1, 4))
+    q = content_profile(content, hist)
+    assert q is not None
+    pop = np.array([1.0, 0.0, 0.1, 0.0], np.float32)
+    assert np.argmax(cold_content_scores(content, q, pop, weight=0.0)) in (2, 3)
+    assert np.argmax(cold_content_scores(content, q, pop, weight=2.0)) == 0
+    prior = new_item_prior(pop, content, np.eye(4, dtype=np.float32)[[0]], k=2)
+    assert prior[0] == pytest.approx(0.75)  # upper quartile of items 0 and 1 (1.0 and 0.0)
+    assert new_item_prior(pop, None, content[:1]).tolist() == [0.0]
+    assert content_profile(content, sp.csr_matrix((1, 4))) is None

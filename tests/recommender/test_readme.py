@@ -56,6 +56,7 @@ def test_the_bash_blocks_run_as_written_and_write_where_the_readme_says(tmp_path
     assert all(path in text for path in documented)
     assert (tmp_path / "var" / "recommender" / "eval" / "evaluation.json").is_file()
     assert (tmp_path / "var" / "recommender" / "eval" / "evaluation.png").is_file()
+    assert (tmp_path / "var" / "recommender" / "eval" / "tuning.png").is_file()  # the budget's curve
     assert (tmp_path / "var" / "recommender" / "embeddings.sqlite3").is_file()
     assert (tmp_path / "var" / "recommender.sqlite3").is_file()  # --events store
     versions = ModelStore(tmp_path / "models", "recommender").versions()

@@ -29,6 +29,7 @@ def test_cli_cleans_splits_tunes_evaluates_charts_and_saves_a_version(
             "--models", "popularity,als,ease,session_ease,torch_mf,content,hybrid",
             "--param", "als.factors=8", "--param", "torch_mf.epochs=3", "--param", "torch_mf.factors=8",
             "--min-user-interactions", "3",
+            "--budget-minutes", "0.1",
             "--models-dir", str(models),
             "--out", str(tmp_path / "eval"),
             "--embeddings-cache", str(shop.cache_path),
@@ -41,7 +42,7 @@ def test_cli_cleans_splits_tunes_evaluates_charts_and_saves_a_version(
         assert set(by_model) == {"popularity", "als", "ease", "session_ease", "torch_mf", "content", "hybrid"}
         for m in by_model.values():
             assert {"precision@10", "recall@10", "ndcg@10", "map@10", "hit_rate@10", "coverage@10"} <= set(m)
-    assert evaluation["tuning"]["grid"]["ease"]["best"] and "weights" in evaluation["tuning"]["blend"]
+    assert evaluation["tuning"]["studies"]["ease"]["best"] and "weights" in evaluation["tuning"]["blend"]
     # every model's validation NDCG@10, from which a benchmark picks "ours" without the test split
     assert set(evaluation["tuning"]["validation_ndcg@10"]) == set(by_model)
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 10_000
@@ -51,7 +52,7 @@ def test_cli_cleans_splits_tunes_evaluates_charts_and_saves_a_version(
     assert (
         entry.manifest.metrics["ndcg@10"] == evaluation["splits"]["random_holdout_0.2"]["hybrid"]["ndcg@10"]
     )
-    assert (entry.path / "evaluation.json").exists() and (entry.path / "evaluation.png").exists()
+    assert all((entry.path / name).exists() for name in ("evaluation.json", "evaluation.png", "tuning.png"))
     assert "saved model version" in capsys.readouterr().out
 
 

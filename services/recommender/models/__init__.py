@@ -9,10 +9,11 @@ from .factor import ALS, BPR
 from .hybrid import Hybrid
 from .popularity import Popularity
 from .session_ease import SessionEASE
+from .sparse_ease import SparseEASE
 from .torch_mf import BiasedMF
 
 MODELS: dict[str, type[Recommender]] = {
-    m.name: m for m in (ALS, BPR, EASE, SessionEASE, BiasedMF, ContentModel, Popularity, Hybrid)
+    m.name: m for m in (ALS, BPR, EASE, SessionEASE, SparseEASE, BiasedMF, ContentModel, Popularity, Hybrid)
 }
 
 
@@ -34,6 +35,7 @@ __all__ = [
     "Popularity",
     "Recommender",
     "SessionEASE",
+    "SparseEASE",
     "VectorModel",
     "build",
 ]

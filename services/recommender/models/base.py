@@ -10,6 +10,7 @@ score densely.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +33,12 @@ class FitContext:
     interactions: pd.DataFrame | None = None
     #: L2-normalised item embeddings aligned with the item index (zero rows: no text).
     item_embeddings: np.ndarray | None = None
+    #: What does not change between fits on the same matrix (the EASE family's Gram matrix): the
+    #: tuner fits many configurations on one validation matrix with one context.
+    cache: dict[Any, Any] = field(default_factory=dict)
+    #: Called as on_epoch(epoch, model) after each epoch of an iterative fit (ALS) with the model
+    #: as it stands; the tuner scores it there and may stop the fit by raising optuna.TrialPruned.
+    on_epoch: Callable[[int, Recommender], None] | None = None
 
 
 class Recommender:
@@ -55,6 +62,12 @@ class Recommender:
         """Dense scores (rows x items). ``base``: the rows' training history, when ``history``
         may hold more (real-time events) -- vector models then apply only the difference."""
         raise NotImplementedError
+
+    def fit_scores(self, X: sp.csr_matrix, ctx: FitContext, rows: np.ndarray) -> np.ndarray:
+        """Fit on ``X`` and return the dense scores of ``rows`` (tuning). Models that can score a
+        few rows without building their whole serving state override it."""
+        self.fit(X, ctx)
+        return self.score(rows, X[rows])
 
     def explain(self, history: sp.csr_matrix, item: int, n: int = 5) -> list[tuple[int, float]]:
         """The user's past items (from a 1 x items history row) that drove ``item``'s score."""

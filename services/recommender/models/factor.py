@@ -50,13 +50,26 @@ class ALS(VectorModel):
             use_gpu=_implicit_gpu(ctx),
             random_state=ctx.seed,
         )
-        model.fit(X.tocsr().astype(np.float32), show_progress=ctx.progress)
+        self.n_items = X.shape[1]
+        callback = None
+        if ctx.on_epoch is not None:
+            on_epoch = ctx.on_epoch
+
+            def callback(iteration: int, _elapsed: float, _loss: float) -> None:
+                self._take(model)
+                on_epoch(iteration + 1, self)
+
+        model.fit(X.tocsr().astype(np.float32), show_progress=ctx.progress, callback=callback)
+        self._take(model)
+
+    def _take(self, model: Any) -> None:
+        """Copy the factors out of implicit's model (from the GPU when it trained there)."""
         if hasattr(model, "to_cpu") and not isinstance(model.item_factors, np.ndarray):
             model = model.to_cpu()
         self.user_factors = _to_numpy(model.user_factors)
         self.item_factors = _to_numpy(model.item_factors)
         self.item_bias = None
-        self.n_items = X.shape[1]
+        self._gram_cache = None
 
     @property
     def fold_alpha(self) -> float:  # type: ignore[override]

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .base import FitContext
-from .ease import EASE
+from .ease import EASE, gram, spd_inverse
 
 
 def session_matrix(interactions: pd.DataFrame, n_items: int, gap_s: float) -> sp.csr_matrix | None:
@@ -43,6 +43,15 @@ def session_matrix(interactions: pd.DataFrame, n_items: int, gap_s: float) -> sp
     return S
 
 
+def session_gram(ctx: FitContext, n_items: int, gap_s: float) -> np.ndarray | None:
+    """Dense S'S of the training sessions, once per matrix and gap (``ctx.cache``, read-only)."""
+    key = ("session_gram", n_items, gap_s, id(ctx.interactions))
+    if key not in ctx.cache:
+        S = session_matrix(ctx.interactions, n_items, gap_s) if ctx.interactions is not None else None
+        ctx.cache[key] = None if S is None else (S.T @ S).toarray()
+    return ctx.cache[key]
+
+
 class SessionEASE(EASE):
     name = "session_ease"
     defaults = {
@@ -55,36 +64,49 @@ class SessionEASE(EASE):
         "pop_exponent": 0.1,
     }
 
-    def fit(self, X: sp.csr_matrix, ctx: FitContext) -> None:
+    def _solve(self, X: sp.csr_matrix, ctx: FitContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P = (G + Lambda)^-1, the (session) Gram matrix G and the popularity discount."""
         n = X.shape[1]
         if n > int(self.params["max_items"]):
-            raise ValueError(f"EASE needs a dense {n} x {n} matrix; raise max_items or use a factor model")
-        X = X.tocsr().astype(np.float64)
-        if self.params["binary"]:
-            X.data[:] = 1.0
-        G = (X.T @ X).toarray()
-        weight = float(self.params["session_weight"])
-        if weight and ctx.interactions is not None:
-            S = session_matrix(ctx.interactions, n, float(self.params["session_gap_s"]))
-            if S is not None:
-                G += weight * (S.T @ S).toarray()
+            raise ValueError(f"EASE needs a dense {n} x {n} matrix; raise max_items or use sparse_ease")
         p = float(self.params["dropout"])
         if not 0 <= p < 1:
             raise ValueError("dropout must be in [0, 1)")
+        binary = bool(self.params["binary"])
+        G = gram(X, ctx, binary)
+        weight = float(self.params["session_weight"])
+        if weight and ctx.interactions is not None:
+            SS = session_gram(ctx, n, float(self.params["session_gap_s"]))
+            if SS is not None:
+                G = G + weight * SS
         A = G.copy()
         A[np.diag_indices(n)] += float(self.params["l2"]) + p / (1 - p) * np.diag(G)
-        if ctx.device.is_gpu:
-            import torch
+        P = spd_inverse(A, ctx)
+        popularity = np.asarray((X > 0).sum(axis=0) if binary else X.sum(axis=0)).ravel() + 1.0
+        discount = popularity ** -float(self.params["pop_exponent"])
+        return P, G, discount
 
-            P = torch.linalg.inv(torch.tensor(A, device=ctx.device.torch)).cpu().numpy()
-        else:
-            P = np.linalg.inv(A)
-        if self.params["emphasis"] or p == 0:
-            B = -P / np.diag(P)[None, :]
-            B[np.diag_indices(n)] = 0.0
-        else:
+    def _zero_diagonal(self) -> bool:
+        return bool(self.params["emphasis"]) or float(self.params["dropout"]) == 0
+
+    def fit(self, X: sp.csr_matrix, ctx: FitContext) -> None:
+        P, G, discount = self._solve(X, ctx)
+        if self._zero_diagonal():  # B = I - P / diag(P), as EASE
+            B = P
+            B /= -np.diag(P).copy()[None, :]
+            B[np.diag_indices(len(B))] = 0.0
+        else:  # DLAE: B = P G
             B = P @ G
-        popularity = np.asarray(X.sum(axis=0)).ravel() + 1.0
-        B /= popularity[None, :] ** float(self.params["pop_exponent"])
+        del P
+        B *= discount[None, :]
         self.B = B.astype(np.float32)
-        self.n_items = n
+        self.n_items = X.shape[1]
+
+    def fit_scores(self, X: sp.csr_matrix, ctx: FitContext, rows: np.ndarray) -> np.ndarray:
+        """``history @ B`` for ``rows`` without forming B: (H P) G costs rows x n^2 where P G is n^3
+        (a fifth of a tuning trial at 8,000 items); H - (H P) / diag(P) for the zero-diagonal form."""
+        P, G, discount = self._solve(X, ctx)
+        H = self._input(X[rows]).astype(np.float64)
+        HP = np.asarray(H @ P)
+        S = H.toarray() - HP / np.diag(P)[None, :] if self._zero_diagonal() else HP @ G
+        return (S * discount[None, :]).astype(np.float32)
