@@ -623,7 +623,8 @@ COLD_START_PROTOCOL = (
     "interactions in time order (n = 0, 1, 3) and the rest is their test set. Models are fitted on "
     "that training set only (popularity and the served model tuned on validation splits carved from "
     "it, as the train command does). Cold users are ranked by the path the service takes for them "
-    "(engine.py): n = 0: market popularity; n < personalise_min_events: the content path "
+    "(engine.py), with the market a Recommend call for them names (their most frequent market in the "
+    "data; none on MovieLens): n = 0: that market's popularity; n < personalise_min_events: the content path "
     "(engine.cold_content_scores); otherwise the served model on their history. The baseline is plain "
     "all-time popularity (interaction counts over the same training set). Items in the kept history "
     "are excluded; NDCG@10 over the cold users, binary relevance. New-item reach: a seeded 10% of the "
@@ -688,11 +689,17 @@ def cold_start(
     t0 = time.perf_counter()
     enc = prepared.encoding
     min_events = RecommenderSettings.model_fields["personalise_min_events"].default
-    config = train.TrainConfig(models=("popularity", served), serve=served, tune="quick", seed=seed)
+    tuned = ["popularity", served] if max(sizes) >= min_events else ["popularity"]
+    config = train.TrainConfig(models=tuned, serve=tuned[-1], tune="quick", seed=seed, progress=False)
     out: dict[str, Any] = {"protocol": COLD_START_PROTOCOL, "served_model": served, "by_size": {}}
+    # the market a Recommend call for the user names: their most frequent one ("" without markets)
+    market_of = np.full(enc.n_users, "", dtype=object)
+    if "market" in prepared.interactions.columns:
+        modes = prepared.interactions.groupby("user_id")["market"].agg(lambda m: m.mode().iat[0])
+        market_of[enc.user_pos.get_indexer(modes.index.astype(str))] = modes.to_numpy()
     for n in sizes:
         tr, te, cold = cold_start_split(prepared.interactions, n, seed=seed)
-        params, _ = train.tune(prepared, tr, ["popularity", served], config, embeddings, Device("cpu"))
+        params, _ = train.tune(prepared, tr, tuned, config, embeddings, Device("cpu"))
         ctx = train._context(prepared, tr, embeddings, Device("cpu"), seed, False)
         X = enc.matrix(tr)
         pop = build("popularity", **params["popularity"])
@@ -706,7 +713,7 @@ def cold_start(
             path = "popularity"
 
             def ours(rows: np.ndarray, X: Any, pop: Any = pop) -> np.ndarray:
-                return np.repeat(pop.for_market("")[None, :], len(rows), axis=0)
+                return np.vstack([pop.for_market(market_of[r]) for r in rows])
         elif n < min_events and embeddings is not None:
             path = "content"
 
@@ -715,7 +722,7 @@ def cold_start(
                 for r in rows:
                     h = X[r]
                     q = content_profile(embeddings, h)
-                    out.append(cold_content_scores(embeddings, q, pop.for_market("")))
+                    out.append(cold_content_scores(embeddings, q, pop.for_market(market_of[r])))
                 return np.vstack(out)
         else:
             path = served

@@ -85,7 +85,7 @@ def test_session_ease_scores_for_tuning_equal_its_serving_scores() -> None:
         fast = build("session_ease", session_weight=0.0, **params).fit_scores(X, ctx, rows)
         model = build("session_ease", session_weight=0.0, **params)
         model.fit(X, ctx)  # reuses the Gram matrix kept in ctx
-        np.testing.assert_allclose(fast[~seen], model.score(rows, X[rows])[~seen], atol=1e-6)
+        np.testing.assert_allclose(fast[~seen], model.score(rows, X[rows])[~seen], rtol=1e-4, atol=1e-5)
     assert any(key[0] == "gram" for key in ctx.cache)
 
 
@@ -98,7 +98,7 @@ def test_ease_by_cholesky_equals_the_closed_form() -> None:
     P = np.linalg.inv(G)
     B = -P / np.diag(P)[None, :]
     np.fill_diagonal(B, 0.0)
-    np.testing.assert_allclose(model.B, B, atol=1e-6)
+    np.testing.assert_allclose(model.B, B, rtol=1e-4, atol=1e-5)  # float32 Cholesky
 
 
 def test_the_train_command_tunes_within_its_budget_and_charts_the_curve(shop: Shop, tmp_path: Path) -> None:

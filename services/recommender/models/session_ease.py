@@ -48,7 +48,7 @@ def session_gram(ctx: FitContext, n_items: int, gap_s: float) -> np.ndarray | No
     key = ("session_gram", n_items, gap_s, id(ctx.interactions))
     if key not in ctx.cache:
         S = session_matrix(ctx.interactions, n_items, gap_s) if ctx.interactions is not None else None
-        ctx.cache[key] = None if S is None else (S.T @ S).toarray()
+        ctx.cache[key] = None if S is None else (S.T @ S).toarray().astype(np.float32)
     return ctx.cache[key]
 
 
@@ -65,7 +65,7 @@ class SessionEASE(EASE):
     }
 
     def _solve(self, X: sp.csr_matrix, ctx: FitContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """P = (G + Lambda)^-1, the (session) Gram matrix G and the popularity discount."""
+        """P = (G + diag(lam))^-1, the diagonal penalty lam and the popularity discount."""
         n = X.shape[1]
         if n > int(self.params["max_items"]):
             raise ValueError(f"EASE needs a dense {n} x {n} matrix; raise max_items or use sparse_ease")
@@ -79,34 +79,39 @@ class SessionEASE(EASE):
             SS = session_gram(ctx, n, float(self.params["session_gap_s"]))
             if SS is not None:
                 G = G + weight * SS
+        lam = float(self.params["l2"]) + p / (1 - p) * np.diag(G).astype(np.float64)
         A = G.copy()
-        A[np.diag_indices(n)] += float(self.params["l2"]) + p / (1 - p) * np.diag(G)
+        A[np.diag_indices(n)] += lam.astype(A.dtype)
+        del G
         P = spd_inverse(A, ctx)
         popularity = np.asarray((X > 0).sum(axis=0) if binary else X.sum(axis=0)).ravel() + 1.0
         discount = popularity ** -float(self.params["pop_exponent"])
-        return P, G, discount
+        return P, lam, discount
 
     def _zero_diagonal(self) -> bool:
         return bool(self.params["emphasis"]) or float(self.params["dropout"]) == 0
 
     def fit(self, X: sp.csr_matrix, ctx: FitContext) -> None:
-        P, G, discount = self._solve(X, ctx)
-        if self._zero_diagonal():  # B = I - P / diag(P), as EASE
-            B = P
+        """B = I - P / diag(P) (EASE's zero diagonal) or, for DLAE, B = P G = I - P diag(lam)
+        (since P (G + diag(lam)) = I): either way no n^3 product after the inverse."""
+        P, lam, discount = self._solve(X, ctx)
+        B = P
+        if self._zero_diagonal():
             B /= -np.diag(P).copy()[None, :]
             B[np.diag_indices(len(B))] = 0.0
-        else:  # DLAE: B = P G
-            B = P @ G
-        del P
-        B *= discount[None, :]
-        self.B = B.astype(np.float32)
+        else:
+            B *= -lam.astype(B.dtype)[None, :]
+            B[np.diag_indices(len(B))] += 1.0
+        B *= discount.astype(B.dtype)[None, :]
+        self.B = B.astype(np.float32, copy=False)
         self.n_items = X.shape[1]
 
     def fit_scores(self, X: sp.csr_matrix, ctx: FitContext, rows: np.ndarray) -> np.ndarray:
-        """``history @ B`` for ``rows`` without forming B: (H P) G costs rows x n^2 where P G is n^3
-        (a fifth of a tuning trial at 8,000 items); H - (H P) / diag(P) for the zero-diagonal form."""
-        P, G, discount = self._solve(X, ctx)
-        H = self._input(X[rows]).astype(np.float64)
+        """``history @ B`` for ``rows`` without forming B (tuning): H - (H P) / diag(P), or
+        H - (H P) diag(lam) for DLAE."""
+        P, lam, discount = self._solve(X, ctx)
+        H = self._input(X[rows])
         HP = np.asarray(H @ P)
-        S = H.toarray() - HP / np.diag(P)[None, :] if self._zero_diagonal() else HP @ G
+        scale = 1.0 / np.diag(P) if self._zero_diagonal() else lam
+        S = H.toarray() - HP * scale[None, :]
         return (S * discount[None, :]).astype(np.float32)
