@@ -82,7 +82,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 QUICK = ("ease", "als", "session_ease", "sparse_ease", "popularity")
 #: The default tuning budget: a 100k-interaction data set trains end to end in about three
 #: minutes on two cores with it (bench/recommender.py, train_seconds_*).
-DEFAULT_BUDGET_MINUTES = 1.0
+DEFAULT_BUDGET_MINUTES = 0.75
 BLEND_STEPS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -298,7 +298,7 @@ class TrainConfig:
     evaluate: bool = True
     progress: bool = True
     max_eval_users: int = 0
-    validation_folds: int = 1
+    validation_folds: int = 2
     search: str = "budget"  # budget (Optuna, tuning.py) | grid (every setting of GRIDS)
     budget_minutes: float = DEFAULT_BUDGET_MINUTES
 
@@ -381,23 +381,49 @@ def _eval_users(test: sp.csr_matrix, limit: int, seed: int) -> np.ndarray:
     return users
 
 
+#: The blend search ranks each user's candidates only: the union of every component's top this many.
+BLEND_CANDIDATES = 100
+
+
 def tune_blend(
     scores: dict[str, np.ndarray], X: sp.csr_matrix, T: sp.csr_matrix, users: np.ndarray, k: int = 10
 ) -> tuple[dict[str, float], float]:
-    """Coordinate ascent on the blend weights, maximising NDCG@k on the validation users."""
-    z = {}
+    """Coordinate ascent on the blend weights, maximising NDCG@k on the validation users.
+
+    Each trial ranks only the union of the components' top ``BLEND_CANDIDATES`` unseen items per
+    user (a weighted sum of z-scores rarely lifts an item that no component ranks that high). That
+    is about 20x less work than ranking the catalogue, which made the blend search cost more than
+    the whole tuning budget at 8,000 items; the value returned is then measured on the catalogue."""
+    X, T = X[users].tocsr(), T[users].tocsr()
+    seen_rows, seen_cols = X.nonzero()
+    z: dict[str, np.ndarray] = {}
+    candidates = []
     for name, s in scores.items():
         std = s.std(axis=1, keepdims=True)
-        z[name] = ((s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
-    pos = {int(u): i for i, u in enumerate(users)}
+        zn = ((s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+        zn[seen_rows, seen_cols] = -np.inf
+        z[name] = zn
+        c = min(BLEND_CANDIDATES, zn.shape[1] - 1)
+        candidates.append(np.argpartition(-zn, c, axis=1)[:, : c + 1])
+    cand = np.sort(np.hstack(candidates), axis=1)
+    duplicate = np.zeros(cand.shape, dtype=bool)
+    duplicate[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    zc = {n: np.take_along_axis(v, cand, axis=1) for n, v in z.items()}
+    rel = np.take_along_axis(T.toarray() > 0, cand, axis=1)
+    n_pos = np.diff(T.indptr)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.r_[0.0, np.cumsum(discounts)][np.minimum(n_pos, k)]
+    rows = np.arange(len(cand))[:, None]
 
     def ndcg(weights: dict[str, float]) -> float:
         if not any(weights.values()):
             return -1.0
-        total = sum(w * z[n] for n, w in weights.items() if w)
-        return evaluate(lambda rows: total[[pos[int(r)] for r in rows]], X, T, (k,), users=users).mean[
-            f"ndcg@{k}"
-        ]
+        total = sum(w * zc[n] for n, w in weights.items() if w)
+        total = np.where(duplicate, -np.inf, total)
+        top = np.argpartition(-total, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(top, np.argsort(-total[rows, top], axis=1, kind="stable"), axis=1)
+        dcg = (rel[rows, top] & np.isfinite(total[rows, top])) @ discounts
+        return float(np.mean(np.divide(dcg, ideal, out=np.zeros_like(dcg), where=ideal > 0)))
 
     singles = {n: ndcg({n: 1.0}) for n in z}
     best_name = max(singles, key=singles.__getitem__)
@@ -415,7 +441,9 @@ def tune_blend(
                     best, weights, improved = value, trial, True
         if not improved:
             break
-    return weights, best
+    total = sum(w * z[n] for n, w in weights.items() if w)
+    exact = evaluate(lambda r: total[r], X, T, (k,), users=np.arange(X.shape[0])).mean[f"ndcg@{k}"]
+    return weights, float(exact)
 
 
 def validation_splits(train: pd.DataFrame, config: TrainConfig) -> list[Split]:
@@ -876,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-content", action="store_true", help="do not embed item texts")
     parser.add_argument("--max-eval-users", type=int, default=0)
     parser.add_argument(
-        "--validation-folds", type=int, default=1, help="validation splits averaged in tuning"
+        "--validation-folds", type=int, default=2, help="validation splits averaged in tuning"
     )
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
     parser.add_argument("--out", type=Path, default=Path("var/recommender/eval"))
