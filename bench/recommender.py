@@ -633,8 +633,11 @@ COLD_START_PROTOCOL = (
     "and every item outside the history is ranked as the CONTENT path ranks it, through which an item "
     "nobody has touched can be recommended: content similarity plus the popularity prior (tuned "
     "popularity fitted without the new items; a new item gets the upper quartile of the popularity of "
-    "its 10 most similar catalogue items, engine.new_item_prior). new_item_reach_at_50 is the share of cases "
-    "whose held-out item is in that user's top 50; _content_only_ ranks by similarity alone; "
+    "its 10 most similar catalogue items, engine.new_item_prior), and places 20, 30, 40 and 50 hold the "
+    "items without training interactions most similar to the profile (engine.with_fresh_places). "
+    "new_item_reach_at_50 is the share of cases "
+    "whose held-out item is in that user's top 50 (_without_fresh_places_: the ranking alone); "
+    "_content_only_ ranks by similarity alone; "
     "_random_ is 50 / catalogue size; new_item_share_of_top_50 is the mean share of new items in "
     "those top-50 lists (against their share of the catalogue), so reach bought by flooding shows."
 )
@@ -755,7 +758,13 @@ def new_item_reach(
     user's top ``k``: with the popularity prior the service adds (new items at its median) and,
     for reference, by content similarity alone."""
     from services.recommender import train
-    from services.recommender.engine import cold_content_scores, content_profile, new_item_prior
+    from services.recommender.engine import (
+        FRESH_EVERY,
+        cold_content_scores,
+        content_profile,
+        new_item_prior,
+        with_fresh_places,
+    )
     from services.recommender.metrics import top_k
     from services.recommender.models import build
     from services.runtime.device import Device
@@ -776,21 +785,26 @@ def new_item_reach(
     old = np.setdiff1d(np.arange(enc.n_items), new)
     prior[new] = new_item_prior(prior[old], embeddings[old], embeddings[new])  # as engine.py does
     cases = df[is_new].groupby("user_idx")["item_idx"].apply(lambda s: set(s.tolist()))
-    hits = hits_content = total = 0
+    untouched = np.flatnonzero(np.diff(X.tocsc().indptr) == 0)  # the engine's fresh items
+    hits = hits_ranked = hits_content = total = 0
     new_set, shares = set(new.tolist()), []
     for u, items in cases.items():
         q = content_profile(embeddings, X[u])
         if q is None:
             continue
         seen = X[u : u + 1]
-        top = set(top_k(cold_content_scores(embeddings, q, prior)[None, :], k, exclude=seen)[0].tolist())
+        ranked = top_k(cold_content_scores(embeddings, q, prior)[None, :], k, exclude=seen)[0].tolist()
+        fresh = untouched[np.argsort(-(embeddings[untouched] @ q), kind="stable")][: k // FRESH_EVERY]
+        top = set(with_fresh_places(ranked, fresh.tolist(), k))
         top_content = set(top_k((embeddings @ q)[None, :], k, exclude=seen)[0].tolist())
         hits += len(items & top)
+        hits_ranked += len(items & set(ranked))
         shares.append(len(top & new_set) / k)
         hits_content += len(items & top_content)
         total += len(items)
     return {
         f"new_item_reach_at_{k}": round(hits / max(total, 1), 5),
+        f"new_item_reach_without_fresh_places_at_{k}": round(hits_ranked / max(total, 1), 5),
         f"new_item_reach_content_only_at_{k}": round(hits_content / max(total, 1), 5),
         f"new_item_reach_random_at_{k}": round(k / enc.n_items, 5),
         f"new_item_share_of_top_{k}": round(float(np.mean(shares)) if shares else 0.0, 5),

@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -74,6 +75,31 @@ def new_item_prior(
     sims = new_emb @ content.T
     near = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     return np.quantile(popularity[near], 0.75, axis=1).astype(np.float32)
+
+
+#: In the content path every FRESH_EVERY-th place after the first page goes to the item nobody has
+#: touched yet (upserted since training, or without training interactions) that is most similar
+#: to the user's profile: the popularity prior ranks such items below the popular ones, so without
+#: these places a new item is almost never shown (bench/recommender.py, new_item_reach_at_50). The
+#: first page (FRESH_EVERY places) stays ranked by merit, so NDCG@10 is untouched.
+FRESH_EVERY = 10
+
+
+def with_fresh_places(
+    ranked: list[int], fresh_by_similarity: Sequence[int], k: int, every: int = FRESH_EVERY
+) -> list[int]:
+    """``ranked`` (best first, at least ``k`` long when it can be) cut to ``k``, where places
+    ``2 * every``, ``3 * every``, ... (1-based) hold the next fresh items not already listed."""
+    out = list(ranked[:k])
+    listed = set(out)
+    fresh = (c for c in fresh_by_similarity if c not in listed)
+    for place in range(2 * every - 1, len(out), every):
+        item = next(fresh, None)
+        if item is None:
+            break
+        out.insert(place, item)
+        listed.add(item)
+    return out[:k]
 
 
 def cold_content_scores(
@@ -204,6 +230,8 @@ class Engine:
         self.live_pop: dict[str, dict[int, float]] = defaultdict(dict)
         self._pop_order: dict[str, np.ndarray] = {}
         self._new_prior: dict[str, np.ndarray] = {}
+        #: catalogue items without training interactions: fresh places in the content path
+        self._untouched = np.diff(bundle.history.tocsc().indptr) == 0
         model = bundle.model
         self.vector_model = model if isinstance(model, VectorModel) else None
         self._item_matrix = self.vector_model.item_matrix() if self.vector_model is not None else None
@@ -685,7 +713,23 @@ class Engine:
             vals_list.append(cold_content_scores(self.new.emb[keep], q, prior[keep]))
         if not cols_list:
             return []
-        return self._top(np.concatenate(cols_list), np.concatenate(vals_list).astype(np.float32), k)
+        cols, vals = np.concatenate(cols_list), np.concatenate(vals_list).astype(np.float32)
+        top = self._top(cols, vals, k)
+        if k < 2 * FRESH_EVERY:
+            return top
+        fresh = cols >= self.n_main
+        fresh[~fresh] = self._untouched[cols[~fresh]]
+        if not fresh.any():
+            return top
+        fresh_cols = cols[fresh]
+        main = fresh_cols[fresh_cols < self.n_main]
+        parts = [self.content[main]] if len(main) and self.content is not None else []
+        if len(main) < len(fresh_cols):
+            parts.append(self.new.emb[fresh_cols[len(main) :] - self.n_main])
+        order = fresh_cols[np.argsort(-(np.vstack(parts) @ q), kind="stable")][: k // FRESH_EVERY]
+        placed = with_fresh_places([c for c, _ in top], [int(c) for c in order], k)
+        score = dict(top) | dict(zip(fresh_cols.tolist(), vals[fresh].tolist(), strict=True))
+        return [(c, score[c]) for c in placed]
 
     def _embedding(self, col: int) -> np.ndarray | None:
         if col >= self.n_main:

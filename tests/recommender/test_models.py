@@ -304,3 +304,15 @@ def test_content_path_blends_popularity_and_new_items_get_their_neighbours_prior
     assert prior[0] == pytest.approx(0.75)  # upper quartile of items 0 and 1 (1.0 and 0.0)
     assert new_item_prior(pop, None, content[:1]).tolist() == [0.0]
     assert content_profile(content, sp.csr_matrix((1, 4))) is None
+
+
+def test_fresh_items_take_every_tenth_place_after_the_first_page() -> None:
+    from services.recommender.engine import with_fresh_places
+
+    ranked = list(range(100, 150))
+    placed = with_fresh_places(ranked, [7, 101, 8, 9, 10, 11], 50)
+    assert placed[:19] == ranked[:19]  # the first pages by merit
+    assert [placed[i] for i in (19, 29, 39, 49)] == [7, 8, 9, 10]  # 101 is already listed on merit
+    assert len(placed) == 50 and len(set(placed)) == 50
+    assert with_fresh_places(ranked, [7], 10) == ranked[:10]  # one page: untouched
+    assert with_fresh_places(ranked[:25], [], 25) == ranked[:25]

@@ -160,14 +160,15 @@ async def test_items_upserted_through_one_replica_are_recommendable_on_every_rep
             return "NEW-1" in {i.item_id for i in r.items}
 
         delay = await eventually(similar_on_a, "the item upserted through B is similar on A")
-        # a new user who touched the source item through A is shown the new item, on A and on B
+        # a new user who touched the source item through A is shown the new item, on A and on B:
+        # by similarity plus the popularity prior, or else in the content path's fresh places
         assert await record(stub_a, "fan-2", [str(source.item_id)], pb.INTERACTION_TYPE_VIEW) == 1
-        r = await recommend(stub_a, "fan-2", k=3, market="DE")
-        assert r.strategy == pb.STRATEGY_CONTENT and r.items[0].item_id == "NEW-1"
+        r = await recommend(stub_a, "fan-2", k=20, market="DE")
+        assert r.strategy == pb.STRATEGY_CONTENT and "NEW-1" in {i.item_id for i in r.items}
 
         async def on_b() -> bool:
-            r = await recommend(stub_b, "fan-2", k=3, market="DE")
-            return r.strategy == pb.STRATEGY_CONTENT and r.items[0].item_id == "NEW-1"
+            r = await recommend(stub_b, "fan-2", k=20, market="DE")
+            return r.strategy == pb.STRATEGY_CONTENT and "NEW-1" in {i.item_id for i in r.items}
 
         await eventually(on_b, "B recommends the new item to the user A saw")
         # re-upserting through A changes the item in place on B
@@ -325,7 +326,7 @@ async def test_kill_9_after_acknowledged_interactions_loses_nothing(
     it acknowledged is in PostgreSQL (rows counted), and, after PostgreSQL itself is killed and
     restarted, a new replica serves them."""
     env = store_env(pg_url, redis_db)
-    items = [str(i) for i in shop.prepared.items.item_id[:4]]
+    items = [str(i) for i in shop.prepared.items.item_id[:5]]  # personalise_min_events: served by the model
     proc, port = start(shop, tmp_path / "a", env)
     acknowledged: dict[str, int] = {}
     try:
