@@ -84,8 +84,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
 
-# One benchmark per bench/<name>.py (bench-runtime, bench-risk, ...); `make bench` runs them all.
-BENCHES := $(filter-out __init__ loadgen,$(basename $(notdir $(wildcard bench/*.py))))
+# One benchmark per bench/<name>.py (bench-runtime, bench-risk, ...); `make bench` runs them all
+# (recommender_capacity runs inside bench-recommender).
+BENCHES := $(filter-out __init__ loadgen recommender_capacity,$(basename $(notdir $(wildcard bench/*.py))))
 bench: $(addprefix bench-,$(BENCHES))
 bench-%: setup
 	$(PY) -m bench.$*

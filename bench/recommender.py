@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -456,7 +457,7 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _wait_serving(port: int, timeout: float = 600) -> None:
+async def _wait_serving(port: int, timeout: float = 600, proc: subprocess.Popen[bytes] | None = None) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -464,6 +465,8 @@ async def _wait_serving(port: int, timeout: float = 600) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the recommender exited with status {proc.returncode} before serving")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
@@ -475,13 +478,14 @@ async def _wait_serving(port: int, timeout: float = 600) -> None:
 async def serve_and_load(
     models_dir: Path, users: list[str], seconds: float, feedback_users: int
 ) -> dict[str, Any]:
-    import grpc
     from cbec.recommender.v1 import recommender_pb2 as pb
     from cbec.recommender.v1 import recommender_pb2_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tests.support import token_file, trusted_channel
+
     port, metrics_port = _free_port(), _free_port()
-    events = models_dir / "events.sqlite3"
+    state = Path(tempfile.mkdtemp(prefix="rec-bench-state-"))  # never inside the models directory
     env = {
         **os.environ,
         "CBEC_HOST": "127.0.0.1",
@@ -491,15 +495,19 @@ async def serve_and_load(
         "CBEC_MODELS_DIR": str(models_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
-        "CBEC_STATE_DIR": str(events.parent / "state"),
-        "CBEC_EMBEDDINGS_CACHE": str(models_dir / "embeddings.sqlite3"),
+        "CBEC_STATE_DIR": str(state),
+        "CBEC_EMBEDDINGS_CACHE": str(state / "embeddings.sqlite3"),
+        # as in production: the internal token on every call, the user named as the gateway names it
+        "CBEC_INTERNAL_TOKEN_FILE": str(token_file()),
     }
     t0 = time.perf_counter()
     proc = _start_server(env)
     try:
-        await _wait_serving(port)
+        await _wait_serving(port, proc=proc)
         load_s = time.perf_counter() - t0
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with trusted_channel(
+            f"127.0.0.1:{port}", scopes=(), principal="bench", user_from_request=True
+        ) as ch:
             stub = recommender_pb2_grpc.RecommenderServiceStub(ch)
             requests = [pb.RecommendRequest(user_id=u, k=10) for u in users]
             for r in requests[:50]:  # warm caches
@@ -523,6 +531,7 @@ async def serve_and_load(
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(state, ignore_errors=True)
     return {
         "server_start_to_serving_s": round(load_s, 1),
         "recommend": result.summary(),
@@ -987,6 +996,11 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--no-recbole", action="store_true")
+    parser.add_argument(
+        "--capacity-from-results",
+        action="store_true",
+        help="take max_items_fitted from bench/results/recommender_capacity.json instead of measuring",
+    )
     parser.add_argument("--quick", action="store_true", help="small grids (a smoke run, not for the record)")
     parser.add_argument(
         "--results-name", default="recommender", help="writes bench/results/NAME.json (and NAME_*.png)"
@@ -1017,11 +1031,22 @@ def main() -> None:
                 results[key] = results["quality"][key]
         results.update(_cold_start_figures(args.seed))
         reference = results["quality"]["ours"]["hybrid"]["ndcg@10"]
+        write_results(args.results_name, results)  # each part is kept if a later one fails
         results.update(_train_figures(args.seed, (reference, per_user)))
-        from bench.recommender_capacity import capacity
+        write_results(args.results_name, results)
+        if args.capacity_from_results:
+            import json
 
-        results["capacity"] = capacity(quick=args.quick)
+            results["capacity"] = json.loads((RESULTS / "recommender_capacity.json").read_text())
+            results["capacity"]["source"] = (
+                "bench/results/recommender_capacity.json (--capacity-from-results)"
+            )
+        else:
+            from bench.recommender_capacity import capacity
+
+            results["capacity"] = capacity(quick=args.quick)
         results["max_items_fitted"] = results["capacity"]["max_items_fitted"]
+        write_results(args.results_name, results)
     if not args.skip_serving:
         sizes = [int(s) for s in args.sizes.split(",") if s]
         results["serving"] = serving(sizes, args.seconds, args.seed)
