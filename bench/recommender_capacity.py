@@ -101,7 +101,7 @@ PLANS: dict[str, Plan] = {
         (1_000, 2_000),
         "quadratic",
         {"max_items": 10**9},
-        limit="dense n x n: as ease, plus the session Gram S'S, G + S'S and B = P G",
+        limit="dense n x n: as ease, plus the session Gram S'S",
     ),
     "sparse_ease": Plan(
         (25_000, 50_000, 100_000),
@@ -548,11 +548,11 @@ def analytic_dense(model: str) -> dict[str, Any]:
             "spotri works in place; B is P itself (scaled in place, astype without a copy)",
         }
     return {
-        "float32_matrices": 5,
-        "bytes_per_n2": 20,
-        "which": "G (cached), S'S (cached), G + S'S, A (its copy) and P during the Cholesky inverse; "
-        "A is freed on return, and B = P G (the default dropout 0.67 without emphasis: DLAE) is the "
-        "fifth. Building S'S briefly holds its float64 form (8 n^2) beside G: 16 n^2, below the peak",
+        "float32_matrices": 4,
+        "bytes_per_n2": 16,
+        "which": "G (cached), S'S (cached), then A = G + S'S + diag(lambda) (the sum is freed once A is "
+        "made) and P during the Cholesky inverse; A is freed on return, and B = I - P diag(lambda) "
+        "(DLAE) or I - P / diag(P) is P scaled in place",
     }
 
 
