@@ -217,7 +217,11 @@ def chart(studies: dict[str, dict[str, Any]], path: Path, budget_s: float) -> No
                 ys.append(best)
         if not xs:
             continue
-        line = ax.step(xs, ys, where="post", label=f"{name} ({len(entry['trials'])} trials)")[0]
+        last = max(t["at_seconds"] for t in entry["trials"])  # the line runs to the model's last trial
+        line = ax.step(
+            [*xs, last], [*ys, ys[-1]], where="post", label=f"{name} ({len(entry['trials'])} trials)"
+        )[0]
+        ax.plot(xs, ys, "o", ms=4, color=line.get_color())  # each improvement
         if pruned:
             ax.plot(pruned, [ys[0]] * len(pruned), "x", color=line.get_color(), alpha=0.6)
     if budget_s > 0:
