@@ -21,15 +21,28 @@ import scipy.sparse as sp
 from .base import FitContext, Recommender
 
 
+def binarised(m: sp.spmatrix, binary: bool) -> sp.csr_matrix:
+    """A float32 CSR copy of ``m``, every stored weight set to 1 when ``binary`` (the EASE family's
+    training matrix and scoring input)."""
+    m = m.tocsr().astype(np.float32)
+    if binary:
+        m.data[:] = 1.0
+    return m
+
+
+def top_contributions(items: np.ndarray, contrib: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The ``n`` past items with the largest positive contribution to a score (``explain``)."""
+    top = np.argsort(-contrib)[:n]
+    return [(int(items[t]), float(contrib[t])) for t in top if contrib[t] > 0]
+
+
 def gram(X: sp.csr_matrix, ctx: FitContext, binary: bool) -> np.ndarray:
     """Dense X'X of the (binarised) training matrix, computed once per matrix and shared by every
     EASE-family fit on it through ``ctx.cache`` (read-only: callers copy before changing it)."""
     key = ("gram", X.shape, X.nnz, binary)
     cached = ctx.cache.get(key)
     if cached is None:
-        X = X.tocsr().astype(np.float32)
-        if binary:
-            X.data[:] = 1.0
+        X = binarised(X, binary)
         cached = ctx.cache[key] = (X.T @ X).toarray()  # float32: co-occurrence counts are exact
     return cached
 
@@ -77,11 +90,7 @@ class EASE(Recommender):
         self.n_items = n
 
     def _input(self, history: sp.csr_matrix) -> sp.csr_matrix:
-        h = history.tocsr().astype(np.float32)
-        if self.params["binary"]:
-            h = h.copy()
-            h.data[:] = 1.0
-        return h
+        return binarised(history, bool(self.params["binary"]))
 
     def score(
         self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
@@ -90,9 +99,7 @@ class EASE(Recommender):
 
     def explain(self, history: sp.csr_matrix, item: int, n: int = 5) -> list[tuple[int, float]]:
         h = self._input(history)
-        contrib = h.data * self.B[h.indices, item]
-        top = np.argsort(-contrib)[:n]
-        return [(int(h.indices[t]), float(contrib[t])) for t in top if contrib[t] > 0]
+        return top_contributions(h.indices, h.data * self.B[h.indices, item], n)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"B": self.B}

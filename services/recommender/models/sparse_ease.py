@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .base import FitContext, Recommender
+from .ease import binarised, top_contributions
 
 
 def sparse_gram(X: sp.csr_matrix, ctx: FitContext, binary: bool) -> sp.csr_matrix:
@@ -38,9 +39,7 @@ def sparse_gram(X: sp.csr_matrix, ctx: FitContext, binary: bool) -> sp.csr_matri
     key = ("sparse_gram", X.shape, X.nnz, binary)
     cached = ctx.cache.get(key)
     if cached is None:
-        X = X.tocsr().astype(np.float32)
-        if binary:
-            X.data[:] = 1.0
+        X = binarised(X, binary)
         G = (X.T @ X).tocsr()
         G.sum_duplicates()  # also sorts the indices within each row
         cached = ctx.cache[key] = G
@@ -135,11 +134,7 @@ class SparseEASE(Recommender):
         self.n_items = n
 
     def _input(self, history: sp.csr_matrix) -> sp.csr_matrix:
-        h = history.tocsr().astype(np.float32)
-        if self.params["binary"]:
-            h = h.copy()
-            h.data[:] = 1.0
-        return h
+        return binarised(history, bool(self.params["binary"]))
 
     def score(
         self, users: np.ndarray, history: sp.csr_matrix, base: sp.csr_matrix | None = None
@@ -151,9 +146,7 @@ class SparseEASE(Recommender):
         if h.nnz == 0:
             return []
         column = np.asarray(self.B[h.indices, np.full(h.nnz, item)]).ravel()
-        contrib = h.data * column
-        top = np.argsort(-contrib)[:n]
-        return [(int(h.indices[t]), float(contrib[t])) for t in top if contrib[t] > 0]
+        return top_contributions(h.indices, h.data * column, n)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
