@@ -24,7 +24,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.conftest import free_port
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): the launcher starts its services one
+    after another, and a port the kernel hands out as free can meanwhile become the source port of
+    another process's outgoing connection (a risk replica once failed to bind so)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
 
 ROOT = Path(__file__).resolve().parents[1]
 #: README -> the heading of the section whose first bash block holds its HTTP examples
