@@ -1,0 +1,1 @@
+"""The demo marketplace shared by every service under ``make run`` (see ``catalogue.py``)."""
