@@ -1,11 +1,11 @@
 """``python -m services.recommender.defaults``: the demo data and default model for ``make run``.
 
 Skips everything when a valid recommender model version exists (``--force`` retrains). Otherwise
-it generates the SYNTHETIC cross-border demo catalogue (see ``data.synthetic_catalogue``: users in
-nine countries, product titles in eight languages, prices in local currencies), embeds the item
-titles (cached by content hash), trains the hybrid (EASE + ALS + content + market-aware
-popularity) with an evaluation on a random holdout, and saves a model version. A couple of
-minutes on two cores the first time; instant afterwards.
+it trains on the demo catalogue every service shares (``demo/catalogue.py``, built here if missing:
+the clothing items with real reviews, SYNTHETIC shoppers in nine markets and their interactions),
+embeds the item titles (cached by content hash), trains the hybrid (EASE + ALS + content +
+market-aware popularity) with an evaluation on a random holdout, and saves a model version. About a
+minute on two cores the first time; instant afterwards.
 
 The events recorded so far are training input too: the event store is opened as the service opens
 it (``CBEC_STATE_DIR/recommender.sqlite3``, or the shared PostgreSQL with ``CBEC_STATE_BACKEND=shared``).
@@ -25,24 +25,21 @@ from services.runtime.device import Device
 from services.runtime.model_store import ModelStore
 from services.runtime.state import StateConfig
 
-from .data import synthetic_catalogue
 from .embeddings import Embedder, EmbeddingCache
 from .events import EventStore
 from .settings import RecommenderSettings
 from .train import TrainConfig, embed_catalogue, prepare, run
 
-DEMO = {"n_items": 600, "n_users": 800, "interactions_per_user": 20.0, "seed": 7}
 LEGACY_EVENTS = Path("data/recommender/events.sqlite3")  # the event file before the state layer
 
 
-def write_demo_data(data_dir: Path) -> tuple[Path, Path]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    interactions, items = data_dir / "demo_interactions.parquet", data_dir / "demo_items.parquet"
-    if not (interactions.exists() and items.exists()):
-        demo = synthetic_catalogue(**DEMO)  # type: ignore[arg-type]
-        demo.interactions.to_parquet(interactions, index=False)
-        demo.items.to_parquet(items, index=False)
-    return interactions, items
+def demo_data(demo_dir: Path) -> tuple[Path, Path]:
+    """The shared demo catalogue's interactions and items files (built when missing)."""
+    from demo.catalogue import Params, build
+
+    if not (demo_dir / "manifest.json").exists():  # built by the launcher, maybe with other parameters
+        build(demo_dir, Params())
+    return demo_dir / "interactions.parquet", demo_dir / "items.parquet"
 
 
 def main() -> None:
@@ -50,7 +47,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
-    parser.add_argument("--data-dir", type=Path, default=Path("data/recommender"))
+    parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     settings = load_settings(RecommenderSettings, "recommender")
@@ -65,7 +62,7 @@ def main() -> None:
             print(f"recommender: model version {existing.version} exists; nothing to do")
             return
         t0 = time.perf_counter()
-        interactions, items = write_demo_data(args.data_dir)
+        interactions, items = demo_data(args.demo_dir)
         prepared = prepare(interactions, items, events, min_user_interactions=3)
     finally:
         events.close()
@@ -83,7 +80,7 @@ def main() -> None:
     result = run(prepared, config, embeddings, Device("cpu"), store, out)
     hybrid = next(iter(result.evaluation["splits"].values()))["hybrid"]
     print(
-        f"recommender: demo model {result.version} (synthetic catalogue, {prepared.encoding.n_items} items, "
+        f"recommender: demo model {result.version} (demo catalogue, {prepared.encoding.n_items} items, "
         f"{prepared.encoding.n_users} users; hybrid ndcg@10={hybrid['ndcg@10']:.3f}) "
         f"in {time.perf_counter() - t0:.0f}s"
     )

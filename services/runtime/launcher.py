@@ -1,9 +1,13 @@
 """``make run``: prepare default models, start every service that exists and the gateway as separate
 processes, wait until each reports SERVING, print the endpoints, stop them all on Ctrl-C/SIGTERM.
 
-A service exists when its package has ``__main__.py``. Before it starts, its ``defaults.py`` (if any)
-is run as ``python -m services.<name>.defaults``: it prepares the packaged data and the default model
-and skips what is already there, so re-running ``make run`` is quick.
+A service exists when its package has ``__main__.py``. First the demo catalogue is built
+(``demo/catalogue.py``: one set of products, photos, reviews and shoppers for every service). Then
+before a service starts, its ``defaults.py`` (if any) is run as ``python -m services.<name>.defaults``:
+it prepares the packaged data and the default model (the recommender's is trained on the catalogue)
+and skips what is already there, so re-running ``make run`` is quick. Once everything is SERVING, the
+catalogue's photos and reviews are loaded into vision and sentiment through their APIs
+(``demo/seed.py``), and the gateway serves the storefront on the catalogue at ``/``.
 
 The services listen on 127.0.0.1 only (the runtime's default) and the gateway is the one public
 listener. Every process gets ``CBEC_INTERNAL_TOKEN_FILE``: a random secret made once in
@@ -61,10 +65,32 @@ def discover() -> list[Spec]:
     return specs
 
 
-def prepare(spec: Spec, env: dict[str, str]) -> None:
+def prepare(spec: Spec, env: dict[str, str], demo_dir: Path | None) -> None:
     if (spec.package_dir / "defaults.py").exists():
         console.rule(f"[bold]{spec.name}[/]: default data and model")
-        subprocess.run([sys.executable, "-m", f"{spec.module}.defaults"], cwd=ROOT, env=env, check=True)
+        extra = ["--demo-dir", str(demo_dir)] if demo_dir is not None and spec.name == "recommender" else []
+        command = [sys.executable, "-m", f"{spec.module}.defaults", *extra]
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def build_demo(demo_dir: Path, env: dict[str, str]) -> None:
+    console.rule("[bold]demo catalogue[/]: products, photos, reviews and shoppers for every service")
+    command = [sys.executable, "-m", "demo.catalogue", "--out", str(demo_dir)]
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def seed_demo(demo_dir: Path, specs: list[Spec], env: dict[str, str]) -> None:
+    """Load the catalogue's photos and reviews into the running services (skipped where present)."""
+    from demo.seed import run as seed
+
+    from .access import read_token
+
+    console.rule("[bold]demo catalogue[/]: loading photos and reviews through the APIs")
+    addresses = {s.name: f"127.0.0.1:{s.grpc_port}" for s in specs if s.name in ("vision", "sentiment")}
+    loaded = seed(demo_dir, addresses, read_token(Path(env[TOKEN_ENV])))
+    console.print(
+        "demo catalogue loaded: " + ", ".join(f"{name} {count} new" for name, count in loaded.items())
+    )
 
 
 async def wait_all(specs: list[Spec], procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> list[str]:
@@ -95,7 +121,9 @@ def endpoints(specs: list[Spec], log_dir: Path) -> Table:
             _shown(log_dir / f"{spec.name}.log"),
         )
     if any(s.name == "gateway" for s in specs):
-        table.add_row("HTTP bridge", "", "http://127.0.0.1:8080", "")
+        http_port = os.environ.get("CBEC_HTTP_PORT", "8080")
+        table.add_row("HTTP bridge", "", f"http://127.0.0.1:{http_port}", "")
+        table.add_row("storefront", "", f"http://127.0.0.1:{http_port}/", "")
     return table
 
 
@@ -161,6 +189,12 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--no-prepare", action="store_true", help="skip default data and models")
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=ROOT / "data" / "demo",
+        help="the demo catalogue (built unless --no-prepare; loaded once up); '' for none",
+    )
     parser.add_argument("--exit-when-ready", action="store_true", help="stop everything once all are SERVING")
     args = parser.parse_args()
 
@@ -169,9 +203,15 @@ def main() -> None:
         console.print("[red]no service exists yet (no services/<name>/__main__.py)[/]")
         sys.exit(1)
     env = environment(os.environ, args.models_dir, args.grace)
+    demo_dir = args.demo_dir.resolve() if str(args.demo_dir) not in ("", ".") else None
     if not args.no_prepare:
+        if demo_dir is not None:
+            build_demo(demo_dir, env)
         for spec in specs:
-            prepare(spec, env)
+            prepare(spec, env, demo_dir)
+    if demo_dir is not None and not (demo_dir / "products.json").exists():
+        console.print(f"[yellow]no demo catalogue in {demo_dir}: the shop will be empty[/]")
+        demo_dir = None
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -191,6 +231,9 @@ def main() -> None:
                 "CBEC_GRPC_PORT": str(spec.grpc_port),
                 "CBEC_METRICS_PORT": str(spec.metrics_port),
             }
+            if spec.name == "gateway" and demo_dir is not None:
+                service_env.setdefault("CBEC_DEMO_CATALOGUE_DIR", str(demo_dir))
+                service_env.setdefault("CBEC_PRODUCT_IMAGES_DIR", str(demo_dir / "images"))
             procs[spec.name] = subprocess.Popen(
                 [sys.executable, "-m", spec.module], cwd=ROOT, env=service_env, stdout=log, stderr=log
             )
@@ -199,7 +242,17 @@ def main() -> None:
             for failure in failures:
                 console.print(f"[red]{failure}[/] (see {args.log_dir})")
             sys.exit(1)
+        if demo_dir is not None:
+            try:
+                seed_demo(demo_dir, specs, env)
+            except Exception as exc:  # the services keep running: the shop just lacks those parts
+                console.print(f"[red]loading the demo catalogue failed: {exc!r}[/]")
         console.print(endpoints(specs, args.log_dir))
+        if any(s.name == "gateway" for s in specs):
+            console.print(
+                f"[bold green]open http://127.0.0.1:{os.environ.get('CBEC_HTTP_PORT', '8080')}/[/] "
+                "to see the shop"
+            )
         while not stopping and not args.exit_when_ready:
             for name, proc in procs.items():
                 if proc.poll() is not None:

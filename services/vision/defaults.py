@@ -3,10 +3,12 @@
 1. Fashion-MNIST: the installed Debian package ``dataset-fashion-mnist``, or that package unpacked
    into the data folder (``apt-get download`` + ``dpkg-deb -x``).
 2. A model version, unless the store has one: ``services.vision.train`` with its defaults.
-3. The default catalogue, unless the catalogue already holds products: the first Fashion-MNIST
-   training images (never used for fine-tuning) as products, category = clothing class, no market.
-   A catalogue file from before the state layer (``var/vision/catalogue.sqlite``) is imported instead.
-   The index snapshot of the newest model is built here, so the service starts by loading it.
+3. With ``--catalogue-size N`` (default 0), a catalogue of Fashion-MNIST products unless the catalogue
+   already holds products: the first N training images (never used for fine-tuning), category =
+   clothing class, no market. ``make run`` leaves it empty: its demo catalogue's photos are loaded
+   through the API once the service is up (``demo/seed.py``). A catalogue file from before the state
+   layer (``var/vision/catalogue.sqlite``) is imported instead. The index snapshot of the newest model
+   is built here, so the service starts by loading it.
 Each step skips work already done; CNN features are cached by content hash. The catalogue is the
 runtime's store ``vision``, opened as the service opens it (``CBEC_STATE_DIR/vision.sqlite3``, or the
 shared PostgreSQL with ``CBEC_STATE_BACKEND=shared``); index snapshots go to the service's local cache.
@@ -33,7 +35,7 @@ from .engine import Engine, EngineOptions
 from .images import ImageLimits, decode, sha256
 from .server import STORE
 
-DEFAULT_CATALOGUE_SIZE = 5000
+DEFAULT_CATALOGUE_SIZE = 0  # make run's products are the demo catalogue's, loaded by demo/seed.py
 LEGACY_CATALOGUE = "catalogue.sqlite"  # the catalogue file in the snapshot folder before the state layer
 
 
@@ -93,7 +95,7 @@ def index_default_catalogue(settings: VisionSettings, embedder: model.Embedder, 
     catalogue = open_catalogue(settings)
     try:
         import_legacy_catalogue(settings, catalogue)
-        if catalogue.count() > 0:
+        if catalogue.count() > 0 or size <= 0:
             print(f"vision catalogue present: {catalogue.count()} products")
             return 0
         split = data.load("train", settings.vision_data_dir)
