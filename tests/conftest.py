@@ -2,3 +2,4 @@
 per session on first use."""
 
 from tests.stores import pg_url, postgres, postgres_server, redis_db, redis_server  # noqa: F401  (fixtures)
+from tests.demo_suite import demo_suite  # noqa: F401, E402  (the suite on the demo catalogue, once per session)

@@ -371,8 +371,8 @@ class Engine:
                 sets = []
                 if category:
                     sets.append(self._by_category.get(category, set()))
-                if market:
-                    sets.append(self._by_market.get(market, set()))
+                if market:  # the market's products and those sold everywhere (market "")
+                    sets.append(self._by_market.get(market, set()) | self._by_market.get("", set()))
                 candidates = set.intersection(*sets) if len(sets) > 1 else sets[0]
                 allowed = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
                 if not len(allowed):

@@ -24,7 +24,8 @@ def risk(models_dir: Path) -> str:
     return save_version(models_dir, result, "synthetic-test-stream", {"synthetic": True}, plots=False)
 
 
-def recommender(models_dir: Path, work: Path) -> str:
+def recommender(models_dir: Path, work: Path, demo_dir: Path | None = None) -> str:
+    """On the demo catalogue's items and interactions when ``demo_dir`` is given, else synthetic."""
     from services.recommender.data import synthetic_catalogue
     from services.recommender.embeddings import Embedder, EmbeddingCache
     from services.recommender.train import TrainConfig, embed_catalogue, prepare, run
@@ -32,10 +33,13 @@ def recommender(models_dir: Path, work: Path) -> str:
     from services.runtime.model_store import ModelStore
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    data = synthetic_catalogue(n_items=40, n_users=60, interactions_per_user=12, seed=3)
-    interactions, items = work / "interactions.csv", work / "items.parquet"
-    data.interactions.to_csv(interactions, index=False)
-    data.items.to_parquet(items, index=False)
+    if demo_dir is not None:
+        interactions, items = demo_dir / "interactions.parquet", demo_dir / "items.parquet"
+    else:
+        data = synthetic_catalogue(n_items=40, n_users=60, interactions_per_user=12, seed=3)
+        interactions, items = work / "interactions.csv", work / "items.parquet"
+        data.interactions.to_csv(interactions, index=False)
+        data.items.to_parquet(items, index=False)
     prepared = prepare(interactions, items)
     embeddings = embed_catalogue(prepared.items, Embedder(EmbeddingCache(work / "embeddings.sqlite3")))
     config = TrainConfig(
@@ -130,12 +134,13 @@ def chat(models_dir: Path) -> str:
     )
 
 
-def build_all(models_dir: Path, work: Path) -> dict[str, str]:
-    """A version of every service in ``models_dir``; returns {service: version}."""
+def build_all(models_dir: Path, work: Path, demo_dir: Path | None = None) -> dict[str, str]:
+    """A version of every service in ``models_dir``; returns {service: version}. ``demo_dir``: a demo
+    catalogue (``demo.catalogue``) for the recommender to learn."""
     work.mkdir(parents=True, exist_ok=True)
     steps = {
         "risk": lambda: risk(models_dir),
-        "recommender": lambda: recommender(models_dir, work),
+        "recommender": lambda: recommender(models_dir, work, demo_dir),
         "vision": lambda: vision(models_dir),
         "chat": lambda: chat(models_dir),
         "sentiment": lambda: sentiment(models_dir, work),
