@@ -1,52 +1,26 @@
 """Every curl example of the READMEs' HTTP/JSON sections (the project's and the gateway's), run as
 written against ``make run``'s set-up.
 
-The suite is started by ``make run``'s own launcher (``services.runtime.launcher``: every service and
-the gateway as processes, ``CBEC_ENV=dev`` so the documented development key works), with small real
-model versions (``tests.deploy.tiny_models``) instead of the default training, on free ports. Each
+The suite is ``make run``'s own launcher on the demo catalogue (``tests/demo_suite.py``: every service
+and the gateway as processes, ``CBEC_ENV=dev`` so the documented development key works), with small
+real model versions instead of the default training, on free ports. Each
 command is taken from the README's code block and run by bash as it stands; only ``$GW`` points at the
 test's gateway. Every one must get a 2xx.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999): the launcher starts its services one
-    after another, and a port the kernel hands out as free can meanwhile become the source port of
-    another process's outgoing connection (a risk replica once failed to bind so)."""
-    import random
-    import socket
-
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
+from tests.demo_suite import DemoSuite
 
 ROOT = Path(__file__).resolve().parents[1]
 #: README -> the heading of the section whose first bash block holds its HTTP examples
 READMES = {"README.md": "### Over HTTP/JSON", "gateway/README.md": "## Calling it"}
-SERVICES = ("recommender", "chat", "sentiment", "vision", "risk")
 STATUS_MARK = "README-EXAMPLE-HTTP-STATUS:"
 
 
@@ -93,85 +67,13 @@ def write_shoe_jpg(folder: Path) -> None:
     image.save(folder / "shoe.jpg", format="JPEG", quality=90)
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """``make run``'s launcher on free ports with tiny models; yields (gateway URL, work folder)."""
-    from tests.deploy.tiny_models import build_all
-
+def suite(demo_suite: DemoSuite, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The session's demo suite (``make run``'s launcher on the demo catalogue); yields (gateway URL,
+    a work folder holding ``shoe.jpg``)."""
     work = tmp_path_factory.mktemp("readme")
-    models = work / "models"
-    build_all(models, work / "model-work")
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}
-    env.update(
-        {
-            "CBEC_STATE_DIR": str(work / "state"),
-            "CBEC_HTTP_PORT": str(http_port),
-            "CBEC_GATEWAY_GRPC_PORT": str(free_port()),
-            "CBEC_METRICS_ENABLED": "false",  # the launcher's fixed metrics ports may be taken
-            "CBEC_DEVICE": "cpu",
-            "OPENBLAS_NUM_THREADS": "1",
-            **{f"CBEC_{name.upper()}_GRPC_PORT": str(free_port()) for name in SERVICES},
-        }
-    )
-    logs = work / "logs"
-    launcher_log = (work / "launcher.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.runtime.launcher",
-            "--no-prepare",  # the tiny models above instead of the default training
-            "--models-dir",
-            str(models),
-            "--log-dir",
-            str(logs),
-            "--ready-timeout",
-            "150",
-            "--grace",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=launcher_log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            status, body = _get(f"{url}/readyz")
-            if status == 200:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tails = {p.name: p.read_text(errors="replace")[-1500:] for p in sorted(logs.glob("*.log"))}
-                pytest.fail(
-                    f"the suite did not become ready (launcher exit {proc.poll()}, /readyz {status} {body})\n"
-                    + (work / "launcher.log").read_text(errors="replace")[-2000:]
-                    + json.dumps(tails, indent=1)
-                )
-            time.sleep(0.5)
-        write_shoe_jpg(work)
-        yield url, work
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        launcher_log.close()
+    write_shoe_jpg(work)
+    return demo_suite.url, work
 
 
 @pytest.mark.parametrize("readme", sorted(READMES))

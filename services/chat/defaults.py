@@ -7,11 +7,16 @@ shared PostgreSQL with ``CBEC_STATE_BACKEND=shared`` (so a Job in the cluster se
 serves; the replicas rebuild their indexes on the upsert's notification).
 
 The demo orders are invented by the project (users ``u-1001`` to ``u-1003``) so the order actions can be
-tried: e.g. user ``u-1001`` asking "where is CB-100231?".
+tried: e.g. user ``u-1001`` asking "where is CB-100231?". With the shared demo catalogue
+(``--demo-dir``, built by ``make run``: ``demo/catalogue.py``) their items are its products, named in
+the destination's language and priced in its currency, so chat and the storefront tell one story.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -145,12 +150,36 @@ def seed_knowledge(store: ChatStore, embedder: Embedder) -> int:
     return len(todo)
 
 
-def prepare(models_dir: Path, state: StateConfig) -> None:
+def demo_orders(demo_dir: Path | None) -> list[OrderRecord]:
+    """``DEMO_ORDERS``, their items taken from the demo catalogue when there is one."""
+    path = demo_dir / "products.json" if demo_dir is not None else None
+    if path is None or not path.is_file():
+        return DEMO_ORDERS
+    catalogue = json.loads(path.read_text(encoding="utf-8"))
+    products = catalogue["products"]
+    orders = []
+    for i, order in enumerate(DEMO_ORDERS):
+        product = products[(3 * i) % len(products)]
+        language = catalogue["markets"].get(order.destination, {}).get("language", "en")
+        price = product["prices"].get(order.destination)
+        if price is None:
+            orders.append(order)
+            continue
+        title = product["titles"].get(language) or product["titles"]["en"]
+        orders.append(
+            dataclasses.replace(
+                order, items=[title], total=float(price["amount"]), currency=price["currencyCode"]
+            )
+        )
+    return orders
+
+
+def prepare(models_dir: Path, state: StateConfig, demo_dir: Path | None = None) -> None:
     embedder = Embedder()
     store = ChatStore.open(state)
     try:
         written = seed_knowledge(store, embedder)
-        store.put_orders(DEMO_ORDERS)
+        store.put_orders(demo_orders(demo_dir))
         print(f"chat: knowledge base ready ({written} articles written), {store.count_orders()} demo orders")
     finally:
         store.close()
@@ -161,10 +190,15 @@ def prepare(models_dir: Path, state: StateConfig) -> None:
     print(f"chat: trained model version {version}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings(ChatSettings, "chat")
-    prepare(settings.models_dir, StateConfig.from_settings(settings))
+    prepare(settings.models_dir, StateConfig.from_settings(settings), args.demo_dir)
 
 
 if __name__ == "__main__":

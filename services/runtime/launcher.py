@@ -37,6 +37,7 @@ from .probe import check
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ("recommender", "chat", "sentiment", "vision", "risk", "gateway")
+DEMO_AWARE = ("recommender", "chat")  # their defaults take --demo-dir (the catalogue they build on)
 console = Console(stderr=True, width=110)
 
 
@@ -68,7 +69,7 @@ def discover() -> list[Spec]:
 def prepare(spec: Spec, env: dict[str, str], demo_dir: Path | None) -> None:
     if (spec.package_dir / "defaults.py").exists():
         console.rule(f"[bold]{spec.name}[/]: default data and model")
-        extra = ["--demo-dir", str(demo_dir)] if demo_dir is not None and spec.name == "recommender" else []
+        extra = ["--demo-dir", str(demo_dir)] if demo_dir is not None and spec.name in DEMO_AWARE else []
         command = [sys.executable, "-m", f"{spec.module}.defaults", *extra]
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
