@@ -72,6 +72,7 @@ from .transcode import (
     parse_timeout,
     read_body,
 )
+from .web import Storefront
 
 log = logging.getLogger("cbec.gateway.http")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -108,6 +109,7 @@ class Bridge:
             "/openapi.json": self._openapi_doc,
         }
         self._route_metrics: dict[str, tuple[Any, dict[int, Any]]] = {}
+        self._storefront = Storefront(settings)  # the web storefront's public files (gateway/web.py)
 
     # --- server lifecycle -------------------------------------------------------------------------
     def make_server(self) -> web.Server:
@@ -186,6 +188,9 @@ class Bridge:
             elif path in self._internal and request.method in ("GET", "HEAD"):
                 label = path
                 response = await self._internal[path]()
+            elif request.method in ("GET", "HEAD") and (page := self._storefront.match(path)) is not None:
+                label, handler = page
+                response = await handler(request)
             else:
                 route, variables, allowed = self.routes.match(request.method, path)
                 if route is None:

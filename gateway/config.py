@@ -84,6 +84,9 @@ class GatewaySettings(RuntimeSettings):
     product_images_dir: Path | None = Field(
         None, description="Catalogue images as <product_id>.{jpg,jpeg,png,webp}; enables visual search."
     )
+    demo_catalogue_dir: str = Field(
+        "", description="Folder of the demo catalogue (products.json, images/) the storefront shows."
+    )
 
     # --- HTTP bridge ------------------------------------------------------------------------------
     http_host: str = ""
