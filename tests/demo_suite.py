@@ -104,6 +104,7 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
     catalogue = build(demo_dir, params, progress=False)
     models = work / "models"
     build_all(models, work / "model-work", demo_dir=demo_dir)
+    seed_chat(work / "state", demo_dir)
     http_port = free_port()
     grpc_ports = {name: free_port() for name in (*SERVICES, "gateway")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}
@@ -148,6 +149,22 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
             pytest.fail(f"the demo suite did not come up (launcher exit {proc.poll()})\n{suite.logs()}")
         time.sleep(0.5)
     return suite
+
+
+def seed_chat(state_dir: Path, demo_dir: Path) -> None:
+    """What ``make run``'s chat defaults put in the store: the knowledge base and the demo orders
+    (with the catalogue's products), without training the full chat model."""
+    from services.chat.defaults import demo_orders, seed_knowledge
+    from services.chat.knowledge import Embedder
+    from services.chat.store import ChatStore
+    from services.runtime.state import StateConfig
+
+    store = ChatStore.open(StateConfig(state_dir=state_dir))
+    try:
+        seed_knowledge(store, Embedder())
+        store.put_orders(demo_orders(demo_dir))
+    finally:
+        store.close()
 
 
 def stop(suite: DemoSuite) -> None:

@@ -86,7 +86,7 @@ function trendText(trend) {
     `p = ${p.toFixed(3)}${trend.significant ? ", significant" : ", not significant"})`;
 }
 
-function sentimentPart(report, missing) {
+function sentimentPart(report, missing, scope) {
   if (missing) return section("Review sentiment", "sentiment", missingNotice(missing));
   if (!report) return section("Review sentiment", "sentiment", h("p", { class: "empty" }, "No sentiment report."));
   const d = report.distribution || {};
@@ -98,6 +98,8 @@ function sentimentPart(report, missing) {
   const languages = Object.entries(report.languages || {}).map(([l, n]) => `${l} ${Number(n)}`).join(", ");
   return section(
     "Review sentiment", "sentiment",
+    h("p", { class: "meta", testid: "sentiment-scope", dataset: { market: scope || "" } },
+      scope ? `Reviews from ${scope}` : prefs.market ? `No reviews from ${prefs.market} yet: reviews from every market` : "Reviews from every market"),
     h("p", { class: "stars", testid: "average-stars" },
       `${total} reviews`, report.averageEstimatedStars ? ` · ${starsText(report.averageEstimatedStars)} (estimated)` : ""),
     sentimentChart(d),
@@ -165,7 +167,7 @@ export async function productPage(main, { signal, params }) {
   mount(
     main, "ready", info,
     Object.values(missing).filter((m) => !known.has(m.part)).map(missingNotice),
-    sentimentPart(page.sentiment, missing.sentiment),
+    sentimentPart(page.sentiment, missing.sentiment, page.sentimentMarket || ""),
     itemsPart("Visually similar", "visually-similar", page.visuallySimilar, missing.visually_similar, (m) =>
       productCard(m.productId, {
         category: m.category,
