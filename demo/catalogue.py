@@ -8,7 +8,8 @@ Built from the real data the project ships, and labelled where it is synthetic:
   most-reviewed come first, so a small build is a prefix of a large one.
 - **Reviews** are that item's real reviews (text and stars), the most helpful first. Their *market*
   and *date* are SYNTHETIC: the data set has neither, so each review gets a market drawn by the
-  markets' shares and a date in the 28 days before the catalogue is loaded.
+  markets' shares and a date in the year before a fixed end date (``END_TIME``). ``make run``'s
+  gateway reads the demo's review reports over ten years, so they never age out of its windows.
 - **Images** are real Fashion-MNIST photos of the item's class, taken from the training images the
   vision model never trains on (``services.vision.train.CATALOGUE_RESERVED``), 28x28, white on black.
 - **Titles, descriptions and prices** are SYNTHETIC: a brand, the class noun and the item's number in
@@ -41,7 +42,7 @@ import pandas as pd
 from tqdm import tqdm
 
 DEFAULT_DIR = Path("data/demo")
-FORMAT = 2  # bump when the output changes: a rebuild is then not skipped
+FORMAT = 3  # bump when the output changes: a rebuild is then not skipped
 
 # Review class -> Fashion-MNIST class. Classes without a Fashion-MNIST look-alike (swim, intimates,
 # sleep, lounge, legwear, layering, skirts, trend) are left out.
@@ -135,7 +136,7 @@ MARKETS: dict[str, tuple[str, str, float, float]] = {
 }
 # The chat service's demo orders belong to these users (services/chat/defaults.py): they exist here too.
 FIXED_USERS = {"u-1001": "DE", "u-1002": "US", "u-1003": "JP"}
-END_TIME = 1_764_547_200.0  # 2025-12-01T00:00:00Z: interactions end here (reproducible builds)
+END_TIME = 1_764_547_200.0  # 2025-12-01T00:00:00Z: interactions and reviews end here (reproducible)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def build(out: Path, params: Params, vision_data_dir: Path | None = None, progre
     reserved = split.take(range(min(CATALOGUE_RESERVED, len(split))))
     by_class = {
         name: rng.permutation(np.flatnonzero(reserved.labels == fmnist.CLASSES.index(name)))
-        for name in set(CLASS_IMAGE.values())
+        for name in sorted(set(CLASS_IMAGE.values()))  # sorted: set order varies between processes
     }
     used = dict.fromkeys(by_class, 0)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -351,7 +352,7 @@ def _review_rows(reviews: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
             "product_id": [product_id(c) for c in reviews["clothing_id"]],
             "category": reviews["class_name"].to_numpy(),
             "market": np.array(markets)[drawn],
-            "age_days": rng.uniform(0, 28, size=len(reviews)).round(3),  # SYNTHETIC: before loading
+            "created": (END_TIME - rng.uniform(0, 365 * 86400, size=len(reviews))).round(),  # SYNTHETIC
             "rating": reviews["stars"].astype(int).to_numpy(),
             "text": text,
         }

@@ -7,15 +7,14 @@ needs nothing here: its default model is trained on the catalogue's items and in
 
 Sentiment scoring is the slow part (the encoder reads 15-40 reviews a second on 2 cores), so reviews
 are sent only when the store lacks some: the per-category report over the longest window is compared
-with what the catalogue holds. Review dates are SYNTHETIC: ``age_days`` before the moment of loading.
+with what the catalogue holds. Review dates are the catalogue's (SYNTHETIC, fixed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -34,12 +33,16 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return identity_metadata(token, "", "demo-seed")
 
 
-async def seed_vision(channel: grpc.aio.Channel, catalogue_dir: Path, token: str | None) -> int:
+async def seed_vision(
+    channel: grpc.aio.Channel, catalogue_dir: Path, token: str | None, stopping: Callable[[], bool]
+) -> int:
     products = json.loads((catalogue_dir / "products.json").read_text())["products"]
     stub = vision_pb2_grpc.VisionServiceStub(channel)
 
     async def requests() -> AsyncIterator[vision_pb2.IndexProductsRequest]:
         for p in tqdm(products, desc="demo: product photos -> vision", unit="photo"):
+            if stopping():
+                raise Stopped
             yield vision_pb2.IndexProductsRequest(
                 product_id=p["productId"],
                 image=(catalogue_dir / p["image"]).read_bytes(),
@@ -70,17 +73,20 @@ async def _stored_per_category(
     return out
 
 
-async def seed_sentiment(channel: grpc.aio.Channel, catalogue_dir: Path, token: str | None) -> int:
+async def seed_sentiment(
+    channel: grpc.aio.Channel, catalogue_dir: Path, token: str | None, stopping: Callable[[], bool]
+) -> int:
     reviews = pd.read_parquet(catalogue_dir / "reviews.parquet")
     stub = sentiment_pb2_grpc.SentimentServiceStub(channel)
     expected = reviews.groupby("category").size().to_dict()
     stored = await _stored_per_category(stub, sorted(expected), token)
     if all(stored.get(c, 0) >= n for c, n in expected.items()):
         return 0
-    now = time.time()
     sent = 0
     with tqdm(total=len(reviews), desc="demo: reviews -> sentiment (scored)", unit="review") as bar:
         for start in range(0, len(reviews), BATCH):
+            if stopping():
+                raise Stopped
             request = sentiment_pb2.IngestReviewsRequest()
             for r in reviews.iloc[start : start + BATCH].itertuples():
                 review = request.reviews.add(
@@ -91,7 +97,7 @@ async def seed_sentiment(channel: grpc.aio.Channel, catalogue_dir: Path, token: 
                     text=r.text,
                     rating=int(r.rating),
                 )
-                review.created_time.FromSeconds(int(now - float(r.age_days) * 86400))
+                review.created_time.FromSeconds(int(r.created))
             reply = await stub.IngestReviews(request, timeout=TIMEOUT_S, metadata=_metadata(token))
             if reply.rejected:
                 raise RuntimeError(f"sentiment rejected demo reviews: {list(reply.rejected)[:3]}")
@@ -100,29 +106,53 @@ async def seed_sentiment(channel: grpc.aio.Channel, catalogue_dir: Path, token: 
     return sent
 
 
+class Stopped(Exception):
+    """The launcher was asked to stop while loading."""
+
+
 async def seed(
     catalogue_dir: Path,
     addresses: dict[str, str],
     token: str | None,
-    channel_for: object = None,
-) -> dict[str, int]:
-    """Load the catalogue into whichever of vision and sentiment ``addresses`` names.
+    channel_for: Callable[[str], grpc.aio.Channel] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> dict[str, int | str]:
+    """Load the catalogue into whichever of vision and sentiment ``addresses`` names; returns how many
+    each took, or the error that stopped it (one failing service does not stop the other).
 
-    ``channel_for(address) -> grpc.aio.Channel`` makes the channels (TLS and all); plaintext when None.
+    ``channel_for(address)`` makes the channels (the runtime's ``client_channel``: TLS per
+    ``CBEC_BACKEND_TLS_*``); plaintext when None. ``stopping()`` is asked between batches.
     """
-    make = channel_for or (lambda address: grpc.aio.insecure_channel(address))
-    done: dict[str, int] = {}
+    make = channel_for or grpc.aio.insecure_channel
+    done: dict[str, int | str] = {}
     steps = {"vision": seed_vision, "sentiment": seed_sentiment}
     for name, step in steps.items():
-        if name not in addresses:
+        if name not in addresses or stopping():
             continue
-        channel = make(addresses[name])  # type: ignore[operator]
+        channel = make(addresses[name])
         try:
-            done[name] = await step(channel, catalogue_dir, token)
+            done[name] = await step(channel, catalogue_dir, token, stopping)
+        except Stopped:
+            break
+        except (grpc.aio.AioRpcError, RuntimeError, OSError) as exc:
+            detail = (
+                f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            )
+            done[name] = f"failed ({detail})"
         finally:
             await channel.close()
     return done
 
 
-def run(catalogue_dir: Path, addresses: dict[str, str], token: str | None) -> dict[str, int]:
-    return asyncio.run(seed(catalogue_dir, addresses, token))
+def run(
+    catalogue_dir: Path,
+    addresses: dict[str, str],
+    token: str | None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> dict[str, int | str]:
+    """``seed`` with the runtime's client channels (TLS/mTLS as the environment configures them)."""
+    from services.runtime.access import client_channel
+    from services.runtime.config import RuntimeSettings
+
+    settings = RuntimeSettings(service="gateway")
+    return asyncio.run(seed(catalogue_dir, addresses, token, lambda a: client_channel(a, settings), stopping))

@@ -177,13 +177,12 @@ class Aggregator:
         return k or default
 
     async def _report(
-        self, product_id: str, market: str, window_s: int | None, deadline: Deadline
+        self, product_id: str, market: str, window_s: int, deadline: Deadline
     ) -> tuple[sentiment_pb2.GetMarketReportResponse, str]:
         """The product's market report, and the market it covers: a market without reviews of the
         product in the window gets every market's (as shops show reviews from other countries)."""
         request = sentiment_pb2.GetMarketReportRequest(product_id=product_id, market=market)
-        if window_s is not None:
-            request.window.seconds = window_s
+        request.window.seconds = window_s
         report = await self._call("sentiment", self._report_method, request, deadline)
         if market and _total(report) == 0:
             request.market = ""
@@ -274,7 +273,8 @@ class Aggregator:
             return [m for m in matches if m.product_id != request.product_id][:k]
 
         async def sentiment() -> Any:
-            return await self._report(request.product_id, market, None, deadline)
+            window_s = self.settings.product_sentiment_window_days * 86400
+            return await self._report(request.product_id, market, window_s, deadline)
 
         async def also_for_you() -> Any:
             r = recommender_pb2.RecommendRequest(user_id=request.user_id, k=k, market=market)

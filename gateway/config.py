@@ -80,6 +80,9 @@ class GatewaySettings(RuntimeSettings):
     feed_default_k: int = Field(20, ge=1, le=500)
     max_k: int = Field(100, ge=1, le=500)
     feed_sentiment_window_days: int = Field(90, ge=1, le=3650)
+    product_sentiment_window_days: int = Field(
+        30, ge=1, le=3650, description="The product page's review report window (the sentiment default)."
+    )
     fanout_concurrency: int = Field(32, ge=1, le=1024, description="Per-request cap on parallel calls.")
     product_images_dir: Path | None = Field(
         None, description="Catalogue images as <product_id>.{jpg,jpeg,png,webp}; enables visual search."

@@ -143,7 +143,7 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
         log = (work / "launcher.log").read_text(errors="replace")
         if READY_LINE in log and http_get(f"{suite.url}/readyz")[0] == 200:
             break
-        failed = "loading the demo catalogue failed" in log
+        failed = "loading the demo catalogue into" in log
         if failed or proc.poll() is not None or time.monotonic() > deadline:
             stop(suite)
             pytest.fail(f"the demo suite did not come up (launcher exit {proc.poll()})\n{suite.logs()}")

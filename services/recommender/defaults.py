@@ -1,6 +1,8 @@
 """``python -m services.recommender.defaults``: the demo data and default model for ``make run``.
 
-Skips everything when a valid recommender model version exists (``--force`` retrains). Otherwise
+Skips everything when a valid recommender model version trained on the current demo catalogue exists
+(``--force`` retrains; a model from before the catalogue, or from an older build of it, is replaced).
+Otherwise
 it trains on the demo catalogue every service shares (``demo/catalogue.py``, built here if missing:
 the clothing items with real reviews, SYNTHETIC shoppers in nine markets and their interactions),
 embeds the item titles (cached by content hash), trains the hybrid (EASE + ALS + content +
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from services.runtime.config import load_settings
 from services.runtime.device import Device
-from services.runtime.model_store import ModelStore
+from services.runtime.model_store import Manifest, ModelStore
 from services.runtime.state import StateConfig
 
 from .embeddings import Embedder, EmbeddingCache
@@ -42,6 +44,15 @@ def demo_data(demo_dir: Path) -> tuple[Path, Path]:
     return demo_dir / "interactions.parquet", demo_dir / "items.parquet"
 
 
+def trained_on(manifest: Manifest | None, interactions: Path) -> bool:
+    """Whether a model version was trained on this interactions file as it is now."""
+    return (
+        manifest is not None
+        and manifest.params.get("source") == str(interactions)
+        and manifest.created.timestamp() >= interactions.stat().st_mtime
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,11 +69,11 @@ def main() -> None:
             print(f"recommender: imported {imported} events from {LEGACY_EVENTS}")
         store = ModelStore(args.models_dir, "recommender")
         existing = store.newest_valid()
-        if existing is not None and not args.force:
-            print(f"recommender: model version {existing.version} exists; nothing to do")
-            return
         t0 = time.perf_counter()
         interactions, items = demo_data(args.demo_dir)
+        if existing is not None and not args.force and trained_on(existing.manifest, interactions):
+            print(f"recommender: model version {existing.version} exists; nothing to do")
+            return
         prepared = prepare(interactions, items, events, min_user_interactions=3)
     finally:
         events.close()

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,18 +80,21 @@ def build_demo(demo_dir: Path, env: dict[str, str]) -> None:
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
-def seed_demo(demo_dir: Path, specs: list[Spec], env: dict[str, str]) -> None:
-    """Load the catalogue's photos and reviews into the running services (skipped where present)."""
+def seed_demo(demo_dir: Path, specs: list[Spec], env: dict[str, str], stopping: Callable[[], bool]) -> None:
+    """Load the catalogue's photos and reviews into the running services (skipped where present);
+    a service that fails to take them is reported and the rest keep running."""
     from demo.seed import run as seed
 
     from .access import read_token
 
     console.rule("[bold]demo catalogue[/]: loading photos and reviews through the APIs")
     addresses = {s.name: f"127.0.0.1:{s.grpc_port}" for s in specs if s.name in ("vision", "sentiment")}
-    loaded = seed(demo_dir, addresses, read_token(Path(env[TOKEN_ENV])))
-    console.print(
-        "demo catalogue loaded: " + ", ".join(f"{name} {count} new" for name, count in loaded.items())
-    )
+    loaded = seed(demo_dir, addresses, read_token(Path(env[TOKEN_ENV])), stopping)
+    for name, why in loaded.items():
+        if isinstance(why, str):  # the service keeps running: the shop lacks that part
+            console.print(f"[red]loading the demo catalogue into {name} failed: {why}[/]")
+    counts = [f"{name} {n} new" for name, n in loaded.items() if isinstance(n, int)]
+    console.print("demo catalogue loaded: " + (", ".join(counts) or "nothing"))
 
 
 async def wait_all(specs: list[Spec], procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> list[str]:
@@ -194,7 +197,7 @@ def main() -> None:
         "--demo-dir",
         type=Path,
         default=ROOT / "data" / "demo",
-        help="the demo catalogue (built unless --no-prepare; loaded once up); '' for none",
+        help="the demo catalogue (built unless --no-prepare, loaded once everything is up)",
     )
     parser.add_argument("--exit-when-ready", action="store_true", help="stop everything once all are SERVING")
     args = parser.parse_args()
@@ -204,10 +207,9 @@ def main() -> None:
         console.print("[red]no service exists yet (no services/<name>/__main__.py)[/]")
         sys.exit(1)
     env = environment(os.environ, args.models_dir, args.grace)
-    demo_dir = args.demo_dir.resolve() if str(args.demo_dir) not in ("", ".") else None
+    demo_dir: Path | None = args.demo_dir.resolve()
     if not args.no_prepare:
-        if demo_dir is not None:
-            build_demo(demo_dir, env)
+        build_demo(args.demo_dir.resolve(), env)
         for spec in specs:
             prepare(spec, env, demo_dir)
     if demo_dir is not None and not (demo_dir / "products.json").exists():
@@ -235,6 +237,9 @@ def main() -> None:
             if spec.name == "gateway" and demo_dir is not None:
                 service_env.setdefault("CBEC_DEMO_CATALOGUE_DIR", str(demo_dir))
                 service_env.setdefault("CBEC_PRODUCT_IMAGES_DIR", str(demo_dir / "images"))
+                # The demo's reviews are dated in the year before a fixed day: read ten years back.
+                service_env.setdefault("CBEC_PRODUCT_SENTIMENT_WINDOW_DAYS", "3650")
+                service_env.setdefault("CBEC_FEED_SENTIMENT_WINDOW_DAYS", "3650")
             procs[spec.name] = subprocess.Popen(
                 [sys.executable, "-m", spec.module], cwd=ROOT, env=service_env, stdout=log, stderr=log
             )
@@ -244,10 +249,7 @@ def main() -> None:
                 console.print(f"[red]{failure}[/] (see {args.log_dir})")
             sys.exit(1)
         if demo_dir is not None:
-            try:
-                seed_demo(demo_dir, specs, env)
-            except Exception as exc:  # the services keep running: the shop just lacks those parts
-                console.print(f"[red]loading the demo catalogue failed: {exc!r}[/]")
+            seed_demo(demo_dir, specs, env, lambda: stopping)
         console.print(endpoints(specs, args.log_dir))
         if any(s.name == "gateway" for s in specs):
             console.print(

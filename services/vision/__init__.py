@@ -10,9 +10,10 @@ Pieces, each in the file named for it:
 - ``catalogue.py`` (SQLite: products, their images, embeddings per model version, change log),
   ``index.py`` (FAISS: Flat / IVF / GPU replica, checksummed snapshots) and ``engine.py`` (a model
   version with the index of its own embeddings; rebuilt, never mixed, when the model changes).
-- ``server.py``: the gRPC service; ``defaults.py``: the Fashion-MNIST catalogue for ``make run``.
+- ``server.py``: the gRPC service; ``defaults.py``: the data and default model for ``make run``, whose
+  products are the shared demo catalogue's photos (``demo/``), loaded through ``IndexProducts``.
 
-    python -m services.vision.defaults     # data, default model, default catalogue (make run does it)
+    python -m services.vision.defaults     # data, default model, index snapshot (make run does it)
     python -m services.vision.train        # fine-tune on Fashion-MNIST (or --images DIR) -> new version
     python -m services.vision              # serve on :50054
 """

@@ -90,12 +90,27 @@ def import_legacy_catalogue(settings: VisionSettings, catalogue: Catalogue) -> i
     return moved
 
 
+def drop_legacy_default(catalogue: Catalogue) -> int:
+    """Remove ``make run``'s products from before the demo catalogue (Fashion-MNIST training images,
+    ids ``fmnist-train-NNNNN``), which would otherwise answer the shop's visual searches."""
+    ids = [p.product_id for p in catalogue.products() if p.product_id.startswith("fmnist-train-")]
+    if ids:
+        catalogue.remove(ids)
+    return len(ids)
+
+
 def index_default_catalogue(settings: VisionSettings, embedder: model.Embedder, size: int) -> int:
     """Put Fashion-MNIST training images 0..size-1 into an empty catalogue; returns how many."""
     catalogue = open_catalogue(settings)
     try:
         import_legacy_catalogue(settings, catalogue)
-        if catalogue.count() > 0 or size <= 0:
+        if size <= 0:
+            dropped = drop_legacy_default(catalogue)
+            if dropped:
+                print(f"vision catalogue: removed {dropped} products of the pre-demo default catalogue")
+            print(f"vision catalogue: {catalogue.count()} products (make run loads the demo catalogue's)")
+            return 0
+        if catalogue.count() > 0:
             print(f"vision catalogue present: {catalogue.count()} products")
             return 0
         split = data.load("train", settings.vision_data_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from demo.catalogue import FIXED_USERS, LANGUAGES, MARKETS, Params, build, local_price
+from demo.catalogue import END_TIME, FIXED_USERS, LANGUAGES, MARKETS, Params, build, local_price
 from services.sentiment.data import data_path
 from services.vision import data as fmnist
 from services.vision.train import CATALOGUE_RESERVED
@@ -58,7 +58,7 @@ def test_reviews_are_the_data_sets_own(small: tuple[Path, dict]) -> None:
     reviews = pd.read_parquet(out / "reviews.parquet")
     assert set(reviews["text"]) <= texts
     assert set(reviews["market"]) <= set(MARKETS)
-    assert reviews["age_days"].between(0, 28).all()
+    assert reviews["created"].between(END_TIME - 365 * 86400, END_TIME).all()
 
 
 def test_text_and_prices_exist_for_every_language_and_market(small: tuple[Path, dict]) -> None:

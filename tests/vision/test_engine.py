@@ -260,3 +260,18 @@ def test_catalogue_grows_into_ivf_and_back(tmp_path: Path, pretrained: model.Emb
     catalogue.remove([pid for pid, *_ in items[:70]])
     engine.sync()
     assert engine.stats()["index_type"] == "Flat" and engine.stats()["size"] == 10
+
+
+def test_a_market_filter_includes_products_sold_everywhere(
+    tmp_path: Path, pretrained: model.Embedder, items: list
+) -> None:
+    """A product indexed without a market is sold in every market (the demo catalogue's are)."""
+    everywhere = [(f"all-{pid}", cat, "", png) for pid, cat, _, png in items[:6]]
+    catalogue = Catalogue(tmp_path / "c.sqlite")
+    add(catalogue, pretrained, items + everywhere)
+    engine = Engine.open(pretrained, catalogue, options(tmp_path))
+    vector = pretrained.embed(prepare(items[0][3], IMAGE_SIZE, LIMITS).pixels[None])[0]
+    found = engine.search(vector, 40, market="FR")
+    assert {m.market for m in found} == {"FR", ""}
+    assert {m.product_id for m in found if m.market == ""} == {pid for pid, *_ in everywhere}
+    assert all(m.market == "" for m in engine.search(vector, 40, market="JP"))  # no JP products

@@ -175,14 +175,25 @@ async def test_phone_width_has_no_sideways_scrolling(browser: Browser, demo_suit
         await close_page(page)
 
 
+async def tab_to(page: Page, testid: str, most: int = 60) -> None:
+    """Press Tab until the element with ``testid`` has the focus (as a keyboard user gets there)."""
+    for _ in range(most):
+        await page.keyboard.press("Tab")
+        if await page.evaluate("document.activeElement && document.activeElement.dataset.testid") == testid:
+            return
+    pytest.fail(f"{testid} is not reachable with Tab within {most} presses")
+
+
 async def test_keyboard_reaches_the_pages(page: Page, demo_suite: DemoSuite) -> None:
     await open_page(page, demo_suite, "/", "DE")
-    await page.get_by_test_id("nav-search").focus()
+    await tab_to(page, "nav-search")
     await page.keyboard.press("Enter")
     await expect(page.get_by_test_id("search-dropzone")).to_be_visible()
-    await page.get_by_test_id("chat-open").focus()
+    await tab_to(page, "chat-open")
     await page.keyboard.press("Enter")
     await expect(page.get_by_test_id("chat-input")).to_be_focused()
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_test_id("chat-panel")).to_be_hidden()
 
 
 # --- a backend killed mid-test ----------------------------------------------------------------------
