@@ -1,8 +1,10 @@
 """The web storefront's public files on the HTTP bridge: the page, its modules, the demo catalogue.
 
 - ``GET /`` the page (``gateway/web/index.html``); ``GET /web/<name>`` a file directly in ``gateway/web/``.
-- ``GET /web/config.json``: ``{"env"}``, plus ``"apiKey"`` (the development key) only when ``CBEC_ENV=dev``;
-  in prod no key is given out and the page asks its user for one.
+- ``GET /web/config.json``: ``{"env"}``, plus ``"apiKey"`` (the development key) only when ``CBEC_ENV=dev``
+  and the request comes straight from this machine (a loopback peer, no proxy header): the key grants
+  every scope, so a dev gateway reachable from the network must not hand it to any client. Otherwise
+  no key is given out and the page asks its user for one, as in prod.
 - ``GET /catalogue/products.json`` and ``GET /catalogue/images/<productId>.png`` from
   ``CBEC_DEMO_CATALOGUE_DIR``; without it they are 404 ``DEMO_CATALOGUE_NOT_CONFIGURED``.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -80,6 +83,26 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
 
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
+def from_loopback(request: web.BaseRequest) -> bool:
+    """Whether the request's peer is this machine (127.0.0.0/8, ::1, or ::ffff:127.x) and no proxy says it
+    forwards someone else's: a reverse proxy on the same host would make every client look local."""
+    if any(name in request.headers for name in _PROXY_HEADERS):
+        return False
+    remote = request.remote
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class _Files:
     """Whole files by path, re-read when their mtime or size changes; the least recently used go first."""
 
@@ -115,10 +138,8 @@ class Storefront:
         directory = settings.demo_catalogue_dir.strip()
         self.catalogue_dir = Path(directory) if directory else None
         self._files = _Files()
-        config: dict[str, str] = {"env": settings.env}
-        if settings.env == "dev":  # the development key, which prod never accepts, only in dev
-            config["apiKey"] = settings.dev_api_key
-        self._config = json.dumps(config).encode()
+        self._config = json.dumps({"env": settings.env}).encode()
+        self._dev_config = json.dumps({"env": settings.env, "apiKey": settings.dev_api_key}).encode()
         self._exact: dict[str, Handler] = {
             "/": self._index,
             "/index.html": self._index,
@@ -169,9 +190,14 @@ class Storefront:
             raise _not_found(f"no storefront file {name!r}")
         return response
 
+    def gives_dev_key(self, request: web.BaseRequest) -> bool:
+        """Whether config.json may carry the development key: dev, a loopback peer, no proxy header."""
+        return self.settings.env == "dev" and from_loopback(request)
+
     async def _config_json(self, request: web.BaseRequest) -> web.StreamResponse:
         headers = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
-        return web.Response(body=self._config, content_type="application/json", headers=headers)
+        body = self._dev_config if self.gives_dev_key(request) else self._config
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     def _catalogue(self) -> Path:
         if self.catalogue_dir is None:

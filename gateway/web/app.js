@@ -1,7 +1,7 @@
-// The storefront's entry: settings (market, language, demo user, API key), hash routes, chat panel.
+// The storefront's entry: settings (market, language, demo user in dev, API key), hash routes, chat panel.
 // Routes: #/ home feed, #/product/<id>, #/search, #/chat, #/checkout, #/ops.
 
-import { api, apiKey, getConfig, loadConfig, needsKey, setApiKey } from "./api.js";
+import { ApiError, api, apiKey, getConfig, loadConfig, needsKey, setApiKey } from "./api.js";
 import {
   LANGUAGES, catalogue, cartCount, loadCatalogue, loadPrefs, marketInfo, prefs, savePrefs,
 } from "./catalogue.js";
@@ -26,8 +26,16 @@ const panelSlot = document.getElementById("chat-slot");
 const toggle = document.getElementById("chat-toggle");
 let current = null; // AbortController of the page being shown
 
+/** The page of the address; one that cannot be decoded (#/product/%E0) is the not-found page with its error. */
 function route() {
-  const path = decodeURIComponent((location.hash || "#/").slice(1));
+  const raw = (location.hash || "#/").slice(1);
+  let path;
+  try {
+    path = decodeURIComponent(raw);
+  } catch (err) {
+    const error = new ApiError({ code: "BAD_ADDRESS", message: `the address "#${raw}" is not valid (${err?.message || err})` });
+    return { page: notFoundPage, name: "Not found", params: [], path: raw, error };
+  }
   for (const [pattern, page, name] of ROUTES) {
     const found = pattern.exec(path);
     if (found) return { page, name, params: found.slice(1), path };
@@ -39,16 +47,19 @@ async function render({ focus = false } = {}) {
   current?.abort();
   const controller = new AbortController();
   current = controller;
-  const { page, name, params, path } = route();
-  document.title = `${name} · cbec shop`;
-  main.dataset.route = path.split("/")[1] || "home";
-  for (const link of document.querySelectorAll("nav a")) {
-    if (link.getAttribute("href") === `#/${path.split("/")[1] || ""}`) link.setAttribute("aria-current", "page");
-    else link.removeAttribute("aria-current");
-  }
-  placeChat(page === chatPage);
+  let name = "Page";
   try {
-    const shown = page(main, { signal: controller.signal, params });
+    const resolved = route();
+    const { page, params, path, error } = resolved;
+    name = resolved.name;
+    document.title = `${name} · cbec shop`;
+    main.dataset.route = path.split("/")[1] || "home";
+    for (const link of document.querySelectorAll("nav a")) {
+      if (link.getAttribute("href") === `#/${path.split("/")[1] || ""}`) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    placeChat(page === chatPage);
+    const shown = page(main, { signal: controller.signal, params, error });
     if (focus) main.querySelector("h1")?.focus();
     await shown;
     if (focus && controller === current && document.activeElement === document.body) main.querySelector("h1")?.focus();
@@ -96,6 +107,11 @@ function option(value, label, selected) {
   return h("option", { value, selected: selected ? true : null }, label);
 }
 
+/** <html lang> follows the language switch, so screen readers read titles in their language. */
+function applyLanguage() {
+  document.documentElement.lang = prefs.language;
+}
+
 function fillSettings() {
   const market = document.getElementById("market");
   const language = document.getElementById("language");
@@ -103,19 +119,25 @@ function fillSettings() {
   market.replaceChildren(...Object.keys(catalogue.markets).map((m) =>
     option(m, `${m} · ${marketInfo(m).currency}`, m === prefs.market)));
   language.replaceChildren(...Object.entries(LANGUAGES).map(([code, name]) => option(code, name, code === prefs.language)));
+  // Demo users only with the development key: a typed key is bound to its own user (userId "").
+  document.getElementById("user-field").hidden = needsKey();
+  user.disabled = needsKey();
   user.replaceChildren(
     ...catalogue.users.map((u) => option(u.userId, `${u.userId}${u.market ? ` (${u.market})` : ""}`, u.userId === prefs.userId)),
     option("", "the key's own user", prefs.userId === ""),
   );
+  applyLanguage();
   market.addEventListener("change", () => {
     prefs.market = market.value;
     prefs.language = marketInfo(prefs.market).language; // a market switch brings its language
     language.value = prefs.language;
+    applyLanguage();
     savePrefs();
     render();
   });
   language.addEventListener("change", () => {
     prefs.language = language.value;
+    applyLanguage();
     savePrefs();
     render();
   });
@@ -166,7 +188,7 @@ function showNotices() {
 async function start() {
   await loadConfig();
   await loadCatalogue(api);
-  loadPrefs();
+  loadPrefs({ demoUsers: !needsKey() });
   fillSettings();
   setUpKeyForm();
   showNotices();

@@ -1,5 +1,5 @@
 // The demo catalogue (GET /catalogue/products.json: titles per language, prices per market, images), the
-// shopper's settings (market, language, demo user) and the cart, both kept in localStorage.
+// shopper's settings (market, language, demo user in dev) and the cart, both kept in localStorage.
 
 export const MARKETS = {
   DE: { language: "de", currency: "EUR" },
@@ -124,14 +124,22 @@ function writeJson(key, value) {
 }
 
 export const prefs = { market: "DE", language: "de", userId: "" };
+let demoUsers = false; // whether the page may act as the catalogue's demo users (dev key only)
 
-export function loadPrefs() {
+/**
+ * Reads the saved settings. `demoUsers` only with the development key (it may act as any user): a key the
+ * user typed is bound to its own user, so then userId stays "" and the gateway takes the user from the key.
+ */
+export function loadPrefs({ demoUsers: allowed = false } = {}) {
+  demoUsers = allowed;
   const saved = readJson(PREFS, {});
   const markets = Object.keys(catalogue.markets);
   prefs.market = markets.includes(saved.market) ? saved.market : markets.includes("DE") ? "DE" : markets[0];
   prefs.language = saved.language in LANGUAGES ? saved.language : marketInfo(prefs.market).language;
   const users = catalogue.users.map((u) => u.userId);
-  if (typeof saved.userId === "string" && (saved.userId === "" || users.includes(saved.userId))) {
+  if (!demoUsers) {
+    prefs.userId = "";
+  } else if (typeof saved.userId === "string" && (saved.userId === "" || users.includes(saved.userId))) {
     prefs.userId = saved.userId;
   } else {
     prefs.userId = defaultUser(prefs.market);
@@ -144,7 +152,10 @@ export function defaultUser(market) {
 }
 
 export function savePrefs() {
-  writeJson(PREFS, prefs);
+  const saved = readJson(PREFS, {});
+  // without demo users the saved demo user is kept for the next dev session, not overwritten with ""
+  const userId = demoUsers ? prefs.userId : typeof saved?.userId === "string" ? saved.userId : undefined;
+  writeJson(PREFS, { market: prefs.market, language: prefs.language, userId });
 }
 
 // --- the cart -----------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ export function createChat() {
   let sessionId = "";
   let busy = null; // the AbortController of the answer being streamed
 
-  const log = h("ol", { class: "chat-log", testid: "chat-log", "aria-live": "polite", "aria-relevant": "additions" },
+  // A live region; aria-busy while an answer streams, so screen readers read the answer once, when done,
+  // rather than again for every chunk that rewrites its text.
+  const log = h("ol", { class: "chat-log", testid: "chat-log", "aria-live": "polite", "aria-relevant": "additions", "aria-busy": "false" },
     h("li", { class: "msg bot intro" }, "Hello! Ask about shipping, returns, customs or your order."));
   const input = h("textarea", {
     id: "chat-input", name: "message", rows: 2, maxlength: 4000, required: true, testid: "chat-input",
@@ -42,8 +44,9 @@ export function createChat() {
     if (!message || busy) return;
     input.value = "";
     log.append(h("li", { class: "msg user", testid: "chat-question" }, message));
-    const answer = h("div", { class: "answer", testid: "chat-answer", "aria-busy": "true", dataset: { state: "streaming" } });
+    const answer = h("div", { class: "answer", testid: "chat-answer", dataset: { state: "streaming" } });
     const item = h("li", { class: "msg bot" }, answer);
+    log.setAttribute("aria-busy", "true");
     log.append(item);
     item.scrollIntoView({ block: "nearest" });
     busy = new AbortController();
@@ -88,7 +91,7 @@ export function createChat() {
         item.append(errorBox(err, "No answer"));
       }
     } finally {
-      answer.removeAttribute("aria-busy");
+      log.setAttribute("aria-busy", "false");
       busy = null;
       send.disabled = false;
     }

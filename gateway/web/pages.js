@@ -323,10 +323,17 @@ export async function checkoutPage(main, { signal }) {
   const currency = marketInfo(market).currency;
   const outcome = h("div", { class: "outcome", "aria-live": "polite", testid: "checkout-outcome" });
   const cartBox = h("section", { class: "cart", testid: "cart", "aria-labelledby": "h-cart" });
+  // Disabled while the cart is empty and while an order is being assessed (no second submit).
+  const placeOrder = h("button", { type: "submit", class: "primary", testid: "place-order" }, "Place order");
   let total = 0;
+  let inFlight = false;
+  const updatePlaceOrder = () => {
+    placeOrder.disabled = inFlight || cartItems().length === 0;
+  };
 
   function renderCart() {
     const items = cartItems();
+    updatePlaceOrder();
     total = 0;
     const rows = items.map((item) => {
       const price = priceOf(item.productId, market);
@@ -371,10 +378,11 @@ export async function checkoutPage(main, { signal }) {
       field("IP address (optional)", "ipAddress", "", { autocomplete: "off" }),
       field("Account created (optional)", "accountCreated", "", { type: "date" }),
     ),
-    h("button", { type: "submit", class: "primary", testid: "place-order" }, "Place order"),
+    placeOrder,
   );
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
+    if (inFlight || cartItems().length === 0) return;
     const data = new FormData(form);
     const text = (name) => String(data.get(name) || "").trim();
     const order = {
@@ -395,6 +403,8 @@ export async function checkoutPage(main, { signal }) {
     for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
     outcome.replaceChildren(loading("Checking the order…"));
     main.dataset.state = "loading";
+    inFlight = true;
+    updatePlaceOrder();
     try {
       const answer = await api("/v1/gateway/assess-order", { method: "POST", signal, body: { order } });
       outcome.replaceChildren(decisionView(answer.assessment || {}));
@@ -409,6 +419,9 @@ export async function checkoutPage(main, { signal }) {
       }
       outcome.replaceChildren(errorBox(err, "The order was not assessed"));
       main.dataset.state = "error";
+    } finally {
+      inFlight = false;
+      updatePlaceOrder();
     }
   });
   mount(main, "ready", heading("Checkout", "page-title"), cartBox,
@@ -463,6 +476,9 @@ export async function opsPage(main, { signal }) {
   );
 }
 
-export function notFoundPage(main) {
-  mount(main, "error", heading("Page not found"), h("p", {}, "There is no such page. ", h("a", { href: "#/" }, "Back to the shop")));
+/** No page at this address; `error` when the address itself could not be read (a bad %-escape). */
+export function notFoundPage(main, { error } = {}) {
+  mount(main, "error", heading("Page not found", "page-title"),
+    error ? errorBox(error, "This address could not be opened") : null,
+    h("p", { testid: "not-found" }, "There is no such page. ", h("a", { href: "#/" }, "Back to the shop")));
 }

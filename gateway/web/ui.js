@@ -137,19 +137,33 @@ export function cardList(children, testid) {
   return h("ul", { class: "cards", testid }, children);
 }
 
-/** The review summary of a feed item (SentimentSummary), or a plain "no reviews" line. */
-export function sentimentSummary(summary) {
+/**
+ * The review summary of a feed item (SentimentSummary), with the market it covers in data-market: the
+ * requested one, or "" when that market had no reviews and the summary covers every market ("all
+ * markets"). Without a summary a "no reviews" line under another testid, so it never passes for one.
+ */
+export function sentimentSummary(summary, market = prefs.market) {
   const count = Number(summary?.reviewCount || 0);
-  if (!summary || count <= 0) return h("p", { class: "sentiment-summary none", testid: "feed-sentiment" }, "No reviews in this market yet");
+  if (!summary || count <= 0) {  // the gateway already fell back to every market: none anywhere (or no part)
+    return h("p", { class: "sentiment-summary none", testid: "feed-sentiment-none" }, "No reviews yet");
+  }
   const lang = prefs.language;
+  const covered = typeof summary.market === "string" ? summary.market : "";
+  const everyMarket = !covered && market
+    ? `no reviews from ${market} yet; from every market`
+    : "";
   return h(
     "p",
-    { class: "sentiment-summary", testid: "feed-sentiment" },
+    { class: "sentiment-summary", testid: "feed-sentiment", dataset: { market: covered } },
     `${count} review${count === 1 ? "" : "s"} · `,
     h("span", { class: "pos" }, `${formatPercent(Number(summary.positiveShare || 0), lang)} positive`),
     " · ",
     h("span", { class: "neg" }, `${formatPercent(Number(summary.negativeShare || 0), lang)} negative`),
     summary.averageEstimatedStars ? ` · ${starsText(summary.averageEstimatedStars)}` : "",
+    everyMarket
+      ? [" · ", h("span", { class: "scope", testid: "feed-sentiment-scope", title: everyMarket }, "all markets"),
+        h("span", { class: "sr-only" }, ` (${everyMarket})`)]
+      : null,
   );
 }
 

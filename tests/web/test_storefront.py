@@ -240,6 +240,8 @@ def own_vision_gateway(demo_suite: DemoSuite, tmp_path: Path) -> Iterator[tuple[
             "CBEC_STATE_DIR": str(tmp_path / "gateway"),
             "CBEC_DEMO_CATALOGUE_DIR": str(demo_suite.demo_dir),
             "CBEC_PRODUCT_IMAGES_DIR": str(demo_suite.demo_dir / "images"),
+            "CBEC_PRODUCT_SENTIMENT_WINDOW_DAYS": "3650",  # as make run's launcher sets for the demo
+            "CBEC_FEED_SENTIMENT_WINDOW_DAYS": "3650",
         },
         stdout=logs[1],
         stderr=subprocess.STDOUT,
