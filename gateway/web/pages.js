@@ -101,7 +101,7 @@ function sentimentPart(report, missing, scope) {
     h("p", { class: "meta", testid: "sentiment-scope", dataset: { market: scope || "" } },
       scope ? `Reviews from ${scope}` : prefs.market ? `No reviews from ${prefs.market} yet: reviews from every market` : "Reviews from every market"),
     h("p", { class: "stars", testid: "average-stars" },
-      `${total} reviews`, report.averageEstimatedStars ? ` · ${starsText(report.averageEstimatedStars)} (estimated)` : ""),
+      `${total} review${total === 1 ? "" : "s"}`, report.averageEstimatedStars ? ` · ${starsText(report.averageEstimatedStars)} (estimated)` : ""),
     sentimentChart(d),
     report.trend ? h("p", { class: "trend", testid: "sentiment-trend" }, trendText(report.trend)) : null,
     h("div", { class: "drivers-row", testid: "drivers" },

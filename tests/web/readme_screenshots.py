@@ -1,5 +1,5 @@
 """``python -m tests.web.readme_screenshots [--url URL] [--out docs/screenshots]``: the README's three
-screenshots (home, product page, chat), taken with the browser tests' Chromium from a running
+screenshots (home feed in Germany, a product page in the United States, chat in Spain), taken with the browser tests' Chromium from a running
 ``make run`` (its full default models, not the tests' tiny ones)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ async def shoot(url: str, out: Path, product: str, question: str) -> None:
             await page.get_by_test_id("market-select").select_option("DE")
             await expect(page.get_by_test_id("feed-card").first).to_be_visible(timeout=30_000)
             await page.screenshot(path=out / "home.png")
+            await page.get_by_test_id("market-select").select_option("US")
             await page.goto(f"{url}/#/product/{product}")
             await expect(page.locator(READY)).to_be_visible(timeout=30_000)
             await page.screenshot(path=out / "product.png", full_page=True)
