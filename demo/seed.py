@@ -138,7 +138,7 @@ async def seed(
             detail = (
                 f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             )
-            done[name] = f"failed ({detail})"
+            done[name] = detail
         finally:
             await channel.close()
     return done
