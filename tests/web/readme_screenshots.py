@@ -1,6 +1,6 @@
 """``python -m tests.web.readme_screenshots [--url URL] [--out docs/screenshots]``: the README's three
-screenshots (home feed in Germany, a product page in the United States, chat in Spain), taken with the browser tests' Chromium from a running
-``make run`` (its full default models, not the tests' tiny ones)."""
+screenshots (home feed in Germany, a product page in the United States, chat in Spain), taken with the
+browser tests' Chromium from a running ``make run`` (its full default models, not the tests' tiny ones)."""
 
 from __future__ import annotations
 
