@@ -13,13 +13,14 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from PIL import Image
 
 from gateway.config import DEV_API_KEY, GatewaySettings
 from gateway.errors import GatewayError
 from gateway.service import Gateway
-from gateway.web import WEB_DIR, Storefront
+from gateway.web import WEB_DIR, Storefront, from_loopback
 from services.runtime.server import Server
 from tests.gateway.conftest import SLOW_KEY, RunningGateway, gateway_settings
 
@@ -261,6 +262,67 @@ async def test_config_in_dev_gives_the_key_the_api_accepts(
         assert config == {"env": "dev", "apiKey": "dev-key-for-this-test-0123"}
         async with http.get("/v1/vision/index/stats", headers={"x-api-key": config["apiKey"]}) as resp:
             assert resp.status == 200, await resp.text()
+
+
+async def test_config_in_dev_gives_no_key_to_a_proxied_request(make_gateway: Callable[..., Any]) -> None:
+    """A reverse proxy on this host connects from loopback for every client: its header withholds the key."""
+    gw = await make_gateway(env="dev", dev_api_key="dev-key-for-this-test-0123")
+    async with aiohttp.ClientSession(gw.http_url) as http:
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            async with http.get("/web/config.json", headers={header: "203.0.113.7"}) as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"env": "dev"}, header
+                assert "dev-key-for-this-test-0123" not in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("remote", "local"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.5", False),
+        ("192.168.1.20", False),
+        ("::ffff:10.0.0.5", False),
+        ("2001:db8::1", False),
+        ("fe80::1%eth0", False),
+        ("0.0.0.0", False),
+        ("localhost", False),  # a peer address is never a name: refuse what does not parse
+        ("", False),
+    ],
+)
+def test_only_a_loopback_peer_counts_as_local(remote: str, local: bool) -> None:
+    request = make_mocked_request("GET", "/web/config.json").clone(remote=remote)
+    assert from_loopback(request) is local
+
+
+@pytest.mark.parametrize(
+    ("env", "remote", "headers", "gets_key"),
+    [
+        ("dev", "127.0.0.1", {}, True),
+        ("dev", "::1", {}, True),
+        ("dev", "10.0.0.5", {}, False),
+        ("dev", "127.0.0.1", {"X-Forwarded-For": "10.0.0.5"}, False),
+        ("prod", "127.0.0.1", {}, False),
+        ("prod", "10.0.0.5", {}, False),
+    ],
+)
+async def test_config_gives_the_dev_key_only_in_dev_and_only_to_this_machine(
+    env: str, remote: str, headers: dict[str, str], gets_key: bool, keys_file: Path
+) -> None:
+    keys = keys_file if env == "prod" else None  # prod refuses to start without keys
+    shop = Storefront(GatewaySettings(env=env, dev_api_key="dev-key-for-this-test-0123", api_keys_file=keys))
+    request = make_mocked_request("GET", "/web/config.json", headers=headers).clone(remote=remote)
+    found = shop.match("/web/config.json")
+    assert found is not None
+    response = await found[1](request)
+    assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+    assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+    config = json.loads(response.body)
+    expected = {"env": env, "apiKey": "dev-key-for-this-test-0123"} if gets_key else {"env": env}
+    assert config == expected
+    assert gets_key or b"dev-key-for-this-test-0123" not in response.body
 
 
 async def test_static_requests_take_nothing_from_a_rate_limit(make_gateway: Callable[..., Any]) -> None:
