@@ -135,7 +135,8 @@ def plan(
     if intent == "human_agent":
         return handoff("handoff", "customer asked for a person")
     if mood.angry:
-        return handoff("handoff_angry", f"customer is angry ({mood.source}, negative={mood.negative:.2f})")
+        why = f"{mood.source}, negative={mood.negative:.2f}, wording={mood.wording:.2f}"
+        return handoff("handoff_angry", f"customer is angry ({why})")
     if intent == "complaint":
         return handoff("handoff_angry", "complaint")
     if conf < model.policy.handoff_threshold:

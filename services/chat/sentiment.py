@@ -3,6 +3,11 @@
 short deadline and falls back to a small multilingual lexicon when it is unreachable, so a sentiment
 outage slows no conversation: after a failure the service is not asked again for a while.
 
+A negative message is not an angry one: "I forgot my password and can't log in" is a problem, and the
+sentiment model scores it 0.76 negative. So the service's score hands off only when the wording agrees
+(an anger word, repeated exclamation marks, shouting); wording that is angry enough on its own (two such
+signals) hands off whatever the score.
+
 The channel is the one every service-to-service call uses (``services/runtime/access.py``): TLS or
 mTLS per ``CBEC_BACKEND_TLS_*``, and the internal token (``CBEC_INTERNAL_TOKEN_FILE``) on every call.
 """
@@ -44,8 +49,9 @@ _CJK_WORDS = [w for w in _WORDS if not w.isascii() and re.search(r"[\u3040-\u9ff
 @dataclass(frozen=True)
 class Mood:
     angry: bool
-    negative: float  # 0..1
+    negative: float  # 0..1: the service's negative probability, or the wording's score without it
     source: str  # "sentiment-service" | "heuristic"
+    wording: float = 0.0  # 0..1: anger signals in the words themselves (heuristic_negativity)
 
 
 def heuristic_negativity(text: str) -> float:
@@ -70,6 +76,7 @@ class SentimentClient:
         angry_threshold: float = 0.75,
         heuristic_threshold: float = 0.4,
         settings: RuntimeSettings | None = None,
+        strong_wording: float = 0.8,
     ) -> None:
         """``settings``: the service's own, for TLS to sentiment and the internal token."""
         self.address = address
@@ -80,6 +87,7 @@ class SentimentClient:
         self.retry_after_s = retry_after_s
         self.angry_threshold = angry_threshold
         self.heuristic_threshold = heuristic_threshold
+        self.strong_wording = strong_wording
         self._channel: grpc.aio.Channel | None = None
         self._stub: sentiment_pb2_grpc.SentimentServiceStub | None = None
         self._down_until = 0.0
@@ -90,6 +98,7 @@ class SentimentClient:
             self._channel = None
 
     async def mood(self, text: str) -> Mood:
+        wording = heuristic_negativity(text)
         if self.address and time.monotonic() >= self._down_until:
             try:
                 if self._stub is None:
@@ -109,9 +118,10 @@ class SentimentClient:
                 )
                 if response.results:
                     negative = float(response.results[0].probabilities.negative)
-                    return Mood(negative >= self.angry_threshold, negative, "sentiment-service")
+                    agree = negative >= self.angry_threshold and wording > 0
+                    angry = agree or wording >= self.strong_wording
+                    return Mood(angry, negative, "sentiment-service", wording)
             except grpc.aio.AioRpcError as exc:
                 log.info("sentiment service unavailable (%s); using the local heuristic", exc.code().name)
                 self._down_until = time.monotonic() + self.retry_after_s
-        negative = heuristic_negativity(text)
-        return Mood(negative >= self.heuristic_threshold, negative, "heuristic")
+        return Mood(wording >= self.heuristic_threshold, wording, "heuristic", wording)

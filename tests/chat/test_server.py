@@ -120,10 +120,29 @@ async def test_handoff_uses_the_sentiment_service_when_reachable(
 ) -> None:
     address, servicer = sentiment_server
     async with running(chat_settings(prepared, state_dir, sentiment_addr=address)) as (_, stub):
-        # A calm question: the heuristic would not hand off, so only the service can have said so.
-        _, result = await converse(stub, "How long does shipping to Spain take?")
+        # "!!" alone is below the heuristic's threshold: only the service (0.97 negative) agreeing
+        # with that wording can have handed off.
+        _, result = await converse(stub, "How long does shipping to Spain take!!")
     assert servicer.calls == 1
     assert result.handoff and "sentiment-service" in result.handoff_reason
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "i forgot my password and can't log in",  # 0.76 negative from the real model: a problem
+        "我想退货，请问怎么办？",  # a plain returns question
+        "How long does shipping to Spain take?",
+    ],
+)
+async def test_a_negative_score_without_angry_wording_does_not_hand_off(
+    prepared: Prepared, state_dir: Path, sentiment_server: tuple[str, _GrumpySentiment], message: str
+) -> None:
+    address, servicer = sentiment_server
+    async with running(chat_settings(prepared, state_dir, sentiment_addr=address)) as (_, stub):
+        _, result = await converse(stub, message)
+    assert servicer.calls == 1
+    assert "angry" not in result.handoff_reason, result.handoff_reason
 
 
 async def test_sessions_mask_pii_bound_history_and_expire(prepared: Prepared, state_dir: Path) -> None:
