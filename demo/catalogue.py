@@ -41,6 +41,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+# market -> (language, currency, units per US dollar, share of shoppers): the recommender's own table.
+from services.recommender.data import MARKETS
+
 DEFAULT_DIR = Path("data/demo")
 FORMAT = 3  # bump when the output changes: a rebuild is then not skipped
 
@@ -122,18 +125,6 @@ DESCRIPTIONS = {  # {noun} {brand} {number}; no articles, which would need each 
     "ja": "{brand}の{noun}(商品番号 {number})。",
 }
 BRANDS = ("Nordwind", "Solara", "Kumo", "Atlas", "Verde", "Brisa", "Lumo", "Fjord")  # SYNTHETIC
-# market -> (language, currency, units per US dollar, share of shoppers); as the recommender's data.
-MARKETS: dict[str, tuple[str, str, float, float]] = {
-    "DE": ("de", "EUR", 0.92, 0.18),
-    "FR": ("fr", "EUR", 0.92, 0.13),
-    "ES": ("es", "EUR", 0.92, 0.09),
-    "IT": ("it", "EUR", 0.92, 0.08),
-    "PL": ("pl", "PLN", 3.95, 0.06),
-    "GB": ("en", "GBP", 0.79, 0.12),
-    "US": ("en", "USD", 1.0, 0.20),
-    "BR": ("pt", "BRL", 5.4, 0.06),
-    "JP": ("ja", "JPY", 150.0, 0.08),
-}
 # The chat service's demo orders belong to these users (services/chat/defaults.py): they exist here too.
 FIXED_USERS = {"u-1001": "DE", "u-1002": "US", "u-1003": "JP"}
 END_TIME = 1_764_547_200.0  # 2025-12-01T00:00:00Z: interactions and reviews end here (reproducible)
@@ -306,11 +297,15 @@ def build(out: Path, params: Params, vision_data_dir: Path | None = None, progre
     return catalogue
 
 
-def _users(params: Params, rng: np.random.Generator) -> list[tuple[str, str]]:
+def _draw_markets(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` markets drawn by their shares of shoppers."""
     markets = list(MARKETS)
     share = np.array([MARKETS[m][3] for m in markets])
-    drawn = rng.choice(len(markets), size=params.users, p=share / share.sum())
-    users = [(f"u-{1001 + i}", markets[int(k)]) for i, k in enumerate(drawn)]
+    return np.array(markets)[rng.choice(len(markets), size=n, p=share / share.sum())]
+
+
+def _users(params: Params, rng: np.random.Generator) -> list[tuple[str, str]]:
+    users = [(f"u-{1001 + i}", str(m)) for i, m in enumerate(_draw_markets(rng, params.users))]
     return [(u, FIXED_USERS.get(u, m)) for u, m in users]
 
 
@@ -342,16 +337,14 @@ def _interactions(
 
 
 def _review_rows(reviews: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    markets = list(MARKETS)
-    share = np.array([MARKETS[m][3] for m in markets])
-    drawn = rng.choice(len(markets), size=len(reviews), p=share / share.sum())
+    drawn = _draw_markets(rng, len(reviews))
     text = [f"{t}. {b}" if t else b for t, b in zip(reviews["title"], reviews["text"], strict=True)]
     return pd.DataFrame(
         {
             "review_id": [f"demo-{int(r)}" for r in reviews["row"]],
             "product_id": [product_id(c) for c in reviews["clothing_id"]],
             "category": reviews["class_name"].to_numpy(),
-            "market": np.array(markets)[drawn],
+            "market": drawn,
             "created": (END_TIME - rng.uniform(0, 365 * 86400, size=len(reviews))).round(),  # SYNTHETIC
             "rating": reviews["stars"].astype(int).to_numpy(),
             "text": text,
