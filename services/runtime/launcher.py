@@ -66,10 +66,10 @@ def discover() -> list[Spec]:
     return specs
 
 
-def prepare(spec: Spec, env: dict[str, str], demo_dir: Path | None) -> None:
+def prepare(spec: Spec, env: dict[str, str], demo_dir: Path) -> None:
     if (spec.package_dir / "defaults.py").exists():
         console.rule(f"[bold]{spec.name}[/]: default data and model")
-        extra = ["--demo-dir", str(demo_dir)] if demo_dir is not None and spec.name in DEMO_AWARE else []
+        extra = ["--demo-dir", str(demo_dir)] if spec.name in DEMO_AWARE else []
         command = [sys.executable, "-m", f"{spec.module}.defaults", *extra]
         subprocess.run(command, cwd=ROOT, env=env, check=True)
 
@@ -207,12 +207,12 @@ def main() -> None:
         console.print("[red]no service exists yet (no services/<name>/__main__.py)[/]")
         sys.exit(1)
     env = environment(os.environ, args.models_dir, args.grace)
-    demo_dir: Path | None = args.demo_dir.resolve()
+    demo_dir: Path | None = args.demo_dir.resolve()  # None: no catalogue to serve
     if not args.no_prepare:
         build_demo(args.demo_dir.resolve(), env)
         for spec in specs:
-            prepare(spec, env, demo_dir)
-    if demo_dir is not None and not (demo_dir / "products.json").exists():
+            prepare(spec, env, args.demo_dir.resolve())
+    if not (args.demo_dir / "products.json").exists():
         console.print(f"[yellow]no demo catalogue in {demo_dir}: the shop will be empty[/]")
         demo_dir = None
 
