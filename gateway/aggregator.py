@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from .backends import BackendPool
 from .config import GatewaySettings
 from .descriptors import RouteTable
 from .errors import BackendError, GatewayError
+from .files import SAFE_ID, FileCache
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("cbec.gateway.aggregator")
@@ -47,7 +46,6 @@ _CLIENT_ERRORS = frozenset(
         grpc.StatusCode.NOT_FOUND,
     }
 )
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -74,30 +72,15 @@ class ProductImages:
 
     def __init__(self, directory: Path | None, max_cached: int = 256) -> None:
         self.directory = directory
-        self._cache: OrderedDict[Path, tuple[int, bytes]] = OrderedDict()
-        self._max = max_cached
-
-    def _read(self, path: Path, mtime: int) -> bytes:
-        data = path.read_bytes()
-        self._cache[path] = (mtime, data)
-        if len(self._cache) > self._max:
-            self._cache.popitem(last=False)
-        return data
+        self._files = FileCache(max_cached)
 
     async def get(self, product_id: str) -> bytes | None:
-        if self.directory is None or not _SAFE_ID.match(product_id):
+        if self.directory is None or not SAFE_ID.match(product_id):
             return None
         for suffix in _IMAGE_SUFFIXES:
-            path = self.directory / f"{product_id}{suffix}"
-            try:
-                mtime = path.stat().st_mtime_ns
-            except OSError:
-                continue
-            cached = self._cache.get(path)
-            if cached is not None and cached[0] == mtime:
-                self._cache.move_to_end(path)
-                return cached[1]
-            return await asyncio.to_thread(self._read, path, mtime)
+            found = await self._files.get(self.directory / f"{product_id}{suffix}")
+            if found is not None:
+                return found[0]
         return None
 
 

@@ -21,14 +21,9 @@ at once; every answer carries a strict Content-Security-Policy (the page loads n
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import ipaddress
 import json
-import os
 import re
-import stat
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -37,9 +32,9 @@ from aiohttp import web
 
 from services.runtime.errors import InvalidArgument, Violation
 
-from .aggregator import _SAFE_ID
 from .config import GatewaySettings
 from .errors import GatewayError
+from .files import SAFE_ID, FileCache
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -74,15 +69,6 @@ def _not_found(message: str, reason: str = "NOT_FOUND") -> GatewayError:
     return GatewayError(grpc.StatusCode.NOT_FOUND, message, reason=reason)
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """(mtime, size) of a regular file, ``None`` for anything else or nothing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
-
-
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
@@ -103,32 +89,6 @@ def from_loopback(request: web.BaseRequest) -> bool:
     return address.is_loopback
 
 
-class _Files:
-    """Whole files by path, re-read when their mtime or size changes; the least recently used go first."""
-
-    def __init__(self, max_entries: int = 512) -> None:
-        self._cache: OrderedDict[Path, tuple[tuple[int, int], bytes, str]] = OrderedDict()
-        self._max = max_entries
-
-    async def get(self, path: Path) -> tuple[bytes, str] | None:
-        stamp = _stamp(path)  # one stat call, as cheap as the cache lookup it guards
-        if stamp is None:
-            return None
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] == stamp:
-            self._cache.move_to_end(path)
-            return cached[1], cached[2]
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except OSError:
-            return None
-        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
-        self._cache[path] = (stamp, data, etag)
-        if len(self._cache) > self._max:
-            self._cache.popitem(last=False)
-        return data, etag
-
-
 class Storefront:
     """The storefront's routes; ``match`` gives the bridge a metrics label and a handler for a GET path."""
 
@@ -137,7 +97,7 @@ class Storefront:
         self.web_dir = web_dir
         directory = settings.demo_catalogue_dir.strip()
         self.catalogue_dir = Path(directory) if directory else None
-        self._files = _Files()
+        self._files = FileCache()
         self._config = json.dumps({"env": settings.env}).encode()
         self._dev_config = json.dumps({"env": settings.env, "apiKey": settings.dev_api_key}).encode()
         self._exact: dict[str, Handler] = {
@@ -222,7 +182,7 @@ class Storefront:
         if found is None:
             raise _not_found(f"no catalogue file at {request.rel_url.raw_path}")
         product_id = found.group(1)
-        if not _SAFE_ID.match(product_id):  # never reaches the file system: no way out of images/
+        if not SAFE_ID.match(product_id):  # never reaches the file system: no way out of images/
             raise InvalidArgument(
                 [Violation("productId", "must be letters, digits, '.', '_' or '-' (at most 200)")]
             )
