@@ -1,15 +1,21 @@
-"""Chat benchmark: answer quality on the evaluation set and Converse latency under load.
+"""Chat benchmark: understanding and answer quality, and Converse latency under load.
 
-1. Quality on ``services/chat/evaluation/eval.jsonl`` (written before any tuning, never tuned on):
+1. Understanding on ``services/chat/evaluation/eval.jsonl`` (written before any tuning, never tuned on):
    ``retrieval_top1``/``retrieval_top3`` (questions labelled with an article), ``intent_accuracy``,
    language-id accuracy, overall and per language (goal: retrieval_top1 >= 0.85 over all languages).
    The development set's figures are reported beside them for reference.
-2. ``first_chunk_p50_ms``/``first_chunk_p99_ms`` of the server-streaming ``Converse`` at concurrency 8:
-   the service runs as its own process (``python -m services.chat``, packaged SmolLM2 GGUF) on a copy of
-   the default data; the load cycles through the evaluation questions (all languages: English topic
-   questions are phrased by the LLM, the rest answered from articles and actions), then English
-   LLM-only questions. Goal: p50 <= 500 ms on 2 cores.
-3. ``tokens_per_s``: single-stream SmolLM2 generation (128 tokens, ignoring end-of-sequence).
+2. Answers on ``services/chat/evaluation/answers.jsonl`` (written before the answer composer was tuned,
+   with the key facts each answer must hold), asked through the running service with the sentiment
+   service beside it, as in production: ``answer_fact_recall`` (goal >= 0.9), ``unsupported_fact_rate``
+   (answers with a number, duration or country found in neither the evidence nor the question; goal 0),
+   ``answer_length_ratio`` (median answer/article characters; goal <= 0.5), ``false_handoff_rate`` on
+   calm messages (goal <= 0.02) and ``handoff_recall`` on angry messages and requests for a person
+   (goal 1.0); overall, per language and per answer path.
+3. ``first_chunk_p50_ms``/``first_chunk_p99_ms`` of the server-streaming ``Converse`` at concurrency 8,
+   overall and per answer path (goal: p50 <= 500 ms on every path): the service runs as its own process
+   (``python -m services.chat``, packaged SmolLM2 GGUF) on a copy of the default data; the load cycles
+   through the evaluation questions, then English questions the LLM rewrites.
+4. ``tokens_per_s``: single-stream SmolLM2 generation (128 tokens, ignoring end-of-sequence).
 
     python -m bench.chat            # writes bench/results/chat.json and chat_*.png
 """
@@ -35,15 +41,28 @@ from typing import Any
 import grpc
 import numpy as np
 from cbec.chat.v1 import chat_pb2, chat_pb2_grpc
+from tqdm import tqdm
 
 from bench.loadgen import RESULTS, closed_loop, write_results
 from services.chat.defaults import prepare
-from services.chat.evaluate import DEV_FILE, EVAL_FILE, embed_questions, evaluate, load_questions
+from services.chat.evaluate import (
+    ANSWERS_FILE,
+    DEV_FILE,
+    EVAL_FILE,
+    Answered,
+    AnswerItem,
+    answer_metrics,
+    embed_questions,
+    evaluate,
+    load_answer_items,
+    load_questions,
+)
 from services.chat.index import HybridIndex
 from services.chat.intent import IntentModel
-from services.chat.knowledge import Embedder
+from services.chat.knowledge import Embedder, packaged_articles
 from services.chat.llm import LlamaCppBackend, packaged_gguf
 from services.chat.model import load_params
+from services.chat.replies import REPLIES
 from services.chat.store import ChatStore
 from services.chat.text import LanguageDetector
 from services.runtime.model_store import ModelStore
@@ -135,6 +154,39 @@ async def load_phase(port: int, texts: list[str], concurrency: int, seconds: flo
     return summary
 
 
+async def answer_phase(port: int, items: list[AnswerItem]) -> list[Answered]:
+    """Every item through Converse, one at a time, each in a new session of a signed-in demo user."""
+    bodies = {(a.article_id, a.language): a for a in packaged_articles()}
+    rows = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for item in tqdm(items, desc="answers", leave=False):
+            request = chat_pb2.ConverseRequest(message=item.text, user_id="u-1001", market=item.market)
+            result = None
+            async for chunk in stub.Converse(request, timeout=120):
+                if chunk.WhichOneof("chunk") == "result":
+                    result = chunk.result
+            assert result is not None
+            evidence = [template for template in REPLIES.get(result.language, REPLIES["en"]).values()]
+            for source in result.sources[:1]:
+                article = bodies.get((source.article_id, source.language))
+                if article is not None:
+                    evidence.append(f"{article.title}\n{article.body}")
+            expected = bodies.get((item.article or "", item.language))
+            rows.append(
+                Answered(
+                    item,
+                    result.answer,
+                    SOURCES[result.answer_source].removeprefix("ANSWER_SOURCE_").lower(),
+                    result.handoff,
+                    "\n".join(evidence),
+                    len(expected.body) if expected is not None else 0,
+                    result.fallback_reason,
+                )
+            )
+    return rows
+
+
 def tokens_per_second(reps: int = 3, tokens: int = 128) -> dict[str, Any]:
     backend = LlamaCppBackend(
         packaged_gguf(), frozenset({"en"}), threads=1, parallel=1, context_per_slot=1024
@@ -155,7 +207,9 @@ def tokens_per_second(reps: int = 3, tokens: int = 128) -> dict[str, Any]:
     }
 
 
-def charts(q: dict[str, Any], mixed: dict[str, Any], english: dict[str, Any]) -> list[str]:
+def charts(
+    q: dict[str, Any], mixed: dict[str, Any], english: dict[str, Any], answers: dict[str, Any]
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,6 +251,31 @@ def charts(q: dict[str, Any], mixed: dict[str, Any], english: dict[str, Any]) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(str(path.relative_to(ROOT)))
+    per = answers["per_language"]
+    langs = sorted(per)
+    x = np.arange(len(langs))
+    metrics = (
+        "answer_fact_recall",
+        "answer_length_ratio",
+        "unsupported_fact_rate",
+        "false_handoff_rate",
+        "handoff_recall",
+    )
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(metrics)
+    for j, metric in enumerate(metrics):
+        values = [per[lang].get(metric) or 0 for lang in langs]
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, values, width, label=metric)
+    ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(x, langs)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Chat answers on the answer evaluation set, by language")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / "chat_answers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(str(path.relative_to(ROOT)))
     return paths
 
 
@@ -223,23 +302,39 @@ def main() -> None:
     tps = tokens_per_second()
     print(tps, flush=True)
 
+    print("sentiment model (for the anger check, as in production) ...", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "services.sentiment.defaults", "--models-dir", str(args.models_dir)],
+        cwd=ROOT,
+        check=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="chat-bench-"))
     shutil.copy(args.state_dir / "chat.sqlite3", work / "chat.sqlite3")  # the load writes sessions/returns
-    port = _free_port()
-    env = {
+    port, sentiment_port = _free_port(), _free_port()
+    base_env = {
         **os.environ,
         "CBEC_HOST": "127.0.0.1",
-        "CBEC_GRPC_PORT": str(port),
         "CBEC_METRICS_PORT": "0",
         "CBEC_MODELS_DIR": str(args.models_dir),
         "CBEC_STATE_DIR": str(work),
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
     }
+    sentiment = subprocess.Popen(
+        [sys.executable, "-m", "services.sentiment"],
+        cwd=ROOT,
+        env={**base_env, "CBEC_GRPC_PORT": str(sentiment_port)},
+    )
+    env = {**base_env, "CBEC_GRPC_PORT": str(port), "CBEC_SENTIMENT_ADDR": f"127.0.0.1:{sentiment_port}"}
     proc = subprocess.Popen([sys.executable, "-m", "services.chat"], cwd=ROOT, env=env)
     try:
-        if not asyncio.run(wait_serving(f"127.0.0.1:{port}", 300)):
-            raise SystemExit("chat service did not become SERVING")
+        for name, address in (("sentiment", sentiment_port), ("chat", port)):
+            if not asyncio.run(wait_serving(f"127.0.0.1:{address}", 300)):
+                raise SystemExit(f"{name} service did not become SERVING")
+        print("answers: evaluation set through Converse ...", flush=True)
+        answered = asyncio.run(answer_phase(port, load_answer_items(ANSWERS_FILE)))
+        answers = answer_metrics(answered)
+        print({k: v for k, v in answers.items() if not isinstance(v, (dict, list))}, flush=True)
         questions = load_questions(EVAL_FILE)
         texts = [x.text for x in questions]
         english = [
@@ -255,11 +350,13 @@ def main() -> None:
         llm_only = asyncio.run(load_phase(port, english, args.concurrency, args.llm_seconds))
         print({k: v for k, v in llm_only.items() if not k.startswith("_")}, flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        for process in (proc, sentiment):
+            process.send_signal(signal.SIGTERM)
+        for process in (proc, sentiment):
+            process.wait(60)
         shutil.rmtree(work, ignore_errors=True)
 
-    chart_paths = charts(q, mixed, llm_only)
+    chart_paths = charts(q, mixed, llm_only, answers)
     for d in (mixed, llm_only):
         d.pop("_firsts")
     ev = q["eval"]
@@ -273,6 +370,20 @@ def main() -> None:
         "first_chunk_p99_ms": mixed["first_chunk_p99_ms"],
         "goal_first_chunk_p50_ms": 500,
         "tokens_per_s": tps["tokens_per_s"],
+        "answer_fact_recall": answers["answer_fact_recall"],
+        "unsupported_fact_rate": answers["unsupported_fact_rate"],
+        "answer_length_ratio": answers["answer_length_ratio"],
+        "false_handoff_rate": answers["false_handoff_rate"],
+        "handoff_recall": answers["handoff_recall"],
+        "goals_answers": {
+            "answer_fact_recall": ">= 0.9",
+            "unsupported_fact_rate": "0",
+            "answer_length_ratio": "<= 0.5 (median)",
+            "false_handoff_rate": "<= 0.02",
+            "handoff_recall": "1.0",
+            "first_chunk_p50_ms": "<= 500 on every answer path",
+        },
+        "answers": answers,
         "eval_set": {k: v for k, v in ev.items() if k != "predictions"},
         "eval_errors": [
             p

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.config import RuntimeSettings
 
@@ -16,9 +16,20 @@ from services.runtime.config import RuntimeSettings
 class ChatSettings(RuntimeSettings):
     service: str = "chat"
     # LLM backend. gguf: llama.cpp via xllamacpp (empty path = the packaged SmolLM2-135M-Instruct);
-    # hf: a Hugging Face causal-LM directory (torch, on the runtime's device); none: article answers only.
-    llm_backend: Literal["gguf", "hf", "none"] = "gguf"
+    # hf: a Hugging Face causal-LM directory (torch, on the runtime's device); openai: an OpenAI-compatible
+    # HTTP server (vLLM, TGI, llama.cpp's llama-server, a hosted API) at llm_url; none: article answers only.
+    llm_backend: Literal["gguf", "hf", "openai", "none"] = "gguf"
     llm_path: str = ""
+    llm_url: str = Field(
+        "",
+        pattern=r"^(https?://\S+)?$",
+        description="openai: the API base URL, e.g. http://vllm.llm.svc:8000/v1.",
+    )
+    llm_model: str = Field("", description="openai: the model name sent; empty = the first the server lists.")
+    llm_api_key: SecretStr = Field(
+        SecretStr(""), description="openai: the bearer key (CBEC_LLM_API_KEY, from a Secret); empty = none."
+    )
+    llm_timeout_s: float = Field(30.0, gt=0, le=600, description="openai: seconds to wait for each chunk.")
     llm_languages: str = Field("en", description="Comma-separated ISO 639-1 codes the LLM writes well.")
     llm_max_tokens: int = Field(64, ge=1, le=4096)
     llm_threads: int = Field(1, ge=1, le=256, description="1 is fastest on small busy CPUs.")

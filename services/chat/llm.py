@@ -6,9 +6,13 @@
   (and GPU offload on a CUDA build) is a path and a setting away.
 - ``TransformersBackend``: a Hugging Face causal-LM directory (``save_pretrained`` layout) on the
   runtime's device, for a GPU node; loaded with ``local_files_only`` so nothing is downloaded.
+- ``OpenAIBackend``: an OpenAI-compatible HTTP server (vLLM, TGI, llama.cpp's ``llama-server``, a hosted
+  API) through the official ``openai`` SDK, so the model can run on a GPU node of its own and scale apart
+  from chat.
 
-Both call ``on_delta`` for each piece of text as it is produced, and check a ``threading.Event`` between
-tokens: once it is set (the gRPC client went away) generation stops and the slot is freed.
+All call ``on_delta`` for each piece of text as it is produced, and check a ``threading.Event`` between
+tokens: once it is set (the gRPC client went away) generation stops and the slot is freed. Decoding is
+greedy with a fixed seed everywhere, so the same question and evidence give the same answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from services.runtime.packaged import packaged_file
 
@@ -129,8 +134,12 @@ class LlamaCppBackend:
             "messages": list(messages),
             "stream": True,
             "max_tokens": max_tokens,
+            # Greedy and seeded, and no prompt cache: llama.cpp documents that a cached prefix (evaluated
+            # in a different batch size) can change the logits, hence the answer.
             "temperature": 0.0,
-            "cache_prompt": True,
+            "top_k": 1,
+            "seed": 0,
+            "cache_prompt": False,
         }
         if ignore_eos:
             request["ignore_eos"] = True
@@ -285,6 +294,115 @@ class TransformersBackend:
         self.model = None
 
 
+class OpenAIBackend:
+    """A remote OpenAI-compatible chat-completions endpoint, streamed through the official SDK.
+
+    ``url`` is the API base (``http://vllm:8000/v1``). An empty ``model`` takes the first model the server
+    lists (asked once, at the first generation: a server that is down at start must not keep chat from
+    serving its other answers). Any connection, timeout or HTTP error becomes ``GenerationError``, after
+    which the caller answers without the LLM.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        languages: frozenset[str],
+        model: str = "",
+        api_key: str = "",
+        timeout_s: float = 30.0,
+        max_retries: int = 1,
+    ) -> None:
+        import httpx
+        import openai
+
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"CBEC_LLM_URL must be an http(s) base URL such as http://host:8000/v1, not {url!r}"
+            )
+        self._client = openai.OpenAI(
+            base_url=url,
+            api_key=api_key or "none",  # the SDK insists on one; servers without keys ignore it
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            max_retries=max_retries,
+        )
+        self._errors: tuple[type[BaseException], ...] = (openai.APIError, httpx.HTTPError)
+        self._model = model
+        self._model_lock = threading.Lock()
+        self.url = url
+        self.name = f"openai:{model or urlsplit(url).netloc.rpartition('@')[2]}"  # never credentials
+        self.languages = languages
+        self._active = _Counter()
+
+    @property
+    def active(self) -> int:
+        return self._active.value
+
+    def _model_name(self) -> str:
+        with self._model_lock:
+            if not self._model:
+                served = [m.id for m in self._client.models.list()]
+                if not served:
+                    raise GenerationError(f"{self.url} serves no model")
+                self._model = served[0]
+            return self._model
+
+    def generate(
+        self,
+        messages: Messages,
+        max_tokens: int,
+        on_delta: Callable[[str], None],
+        cancel: threading.Event,
+        ignore_eos: bool = False,
+    ) -> GenerationStats:
+        stats = GenerationStats()
+        started = time.perf_counter()
+        usage: int | None = None
+        self._active.add(1)
+        try:
+            stream = self._client.chat.completions.create(
+                model=self._model_name(),
+                messages=list(messages),  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=max_tokens,
+                temperature=0.0,  # greedy and seeded: the same question and evidence, the same answer
+                top_p=1.0,
+                seed=0,
+                extra_body={"ignore_eos": True} if ignore_eos else None,  # llama.cpp and vLLM accept it
+            )
+            try:
+                for chunk in stream:
+                    if cancel.is_set():
+                        stats.cancelled = True
+                        break
+                    for choice in chunk.choices:
+                        text = choice.delta.content if choice.delta is not None else None
+                        if text:
+                            if stats.first_token_s is None:
+                                stats.first_token_s = time.perf_counter() - started
+                            stats.tokens += 1
+                            on_delta(text)
+                        if choice.finish_reason:
+                            stats.finish_reason = str(choice.finish_reason)
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
+            finally:
+                stream.close()  # drops the connection: the server stops generating and frees its slot
+        except self._errors as exc:
+            raise GenerationError(f"{self.name}: {exc}") from exc
+        finally:
+            self._active.add(-1)
+            stats.seconds = time.perf_counter() - started
+        if stats.cancelled:
+            stats.finish_reason = "cancelled"
+        elif usage is not None:
+            stats.tokens = usage
+        return stats
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def load_backend(
     kind: str,
     path: str,
@@ -294,6 +412,10 @@ def load_backend(
     parallel: int = 4,
     context_per_slot: int = 4096,
     gpu_layers: int = 0,
+    url: str = "",
+    model: str = "",
+    api_key: str = "",
+    timeout_s: float = 30.0,
 ) -> LLMBackend | None:
     """The configured backend; ``none`` means answers come from articles and templates only."""
     if kind == "none":
@@ -305,4 +427,8 @@ def load_backend(
         if not path:
             raise ValueError("CBEC_LLM_PATH must name a Hugging Face model directory for llm_backend=hf")
         return TransformersBackend(Path(path), languages, device)
+    if kind == "openai":
+        if not url:
+            raise ValueError("CBEC_LLM_URL must name an OpenAI-compatible base URL for llm_backend=openai")
+        return OpenAIBackend(url, languages, model, api_key, timeout_s)
     raise ValueError(f"unknown LLM backend {kind!r}")

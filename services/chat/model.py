@@ -23,6 +23,9 @@ from .llm import LLMBackend, load_backend
 class Policy:
     # Below this intent confidence the assistant hands the conversation to a person.
     handoff_threshold: float = 0.3
+    # Least e5 similarity between an LLM sentence and an evidence sentence for it to count as supported;
+    # calibrated at training time on the knowledge base's parallel translations (faithfulness.calibrate).
+    support_threshold: float = 0.85
 
 
 @dataclass
@@ -56,6 +59,10 @@ def llm_from_settings(settings: ChatSettings, device: str) -> LLMBackend | None:
         parallel=settings.llm_parallel,
         context_per_slot=settings.llm_context,
         gpu_layers=settings.llm_gpu_layers,
+        url=settings.llm_url,
+        model=settings.llm_model,
+        api_key=settings.llm_api_key.get_secret_value(),
+        timeout_s=settings.llm_timeout_s,
     )
 
 

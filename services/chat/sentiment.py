@@ -42,7 +42,30 @@ ANGER_WORDS = {
     "zh": "太过分 生气 垃圾 骗子 最差 投诉 愤怒 气死 差劲 太差",
     "ja": "最悪 ひどい ふざけ 怒 詐欺 許せない 苦情 腹が立 ありえない",
 }
+# Profanity, threats (lawyers, chargebacks, public reviews) and repeated complaints, matched as
+# substrings of the lower-cased message: a plain problem ("I forgot my password") has none of them.
+ANGER_PHRASES = {
+    "en": "fuck|shit|crap|damn|wtf|bullshit|lawyer|sue you|lawsuit|chargeback|charge back|report you|"
+    "trading standards|bad review|third time|fourth time|again and again|still nothing|still no answer|"
+    "nobody answers|no one answers|sick of|fed up|had enough|never again|rip off|ripoff|rip-off",
+    "es": "mierda|joder|carajo|coño|abogado|denunciar|denuncia|demandar|reclamación formal|"
+    "mala reseña|tercera vez|cuarta vez|una y otra vez|nadie responde|nadie contesta|"
+    "ya estoy harto|estoy harta|nunca más|tomadura de pelo",
+    "de": "scheiße|scheisse|verdammt|mist|anwalt|verklagen|anzeige|rückbuchung|schlechte bewertung|"
+    "zum dritten mal|zum vierten mal|schon wieder|niemand antwortet|die nase voll|"
+    "nie wieder|abzocke",
+    "fr": "merde|putain|bordel|avocat|porter plainte|poursuivre en justice|rétrofacturation|"
+    "mauvais avis|troisième fois|quatrième fois|personne ne répond|j'en ai marre|"
+    "ras-le-bol|plus jamais|arnaqué",
+    "pt": "merda|porra|caralho|advogado|processar|procon|reclame aqui|estorno|avaliação negativa|"
+    "terceira vez|quarta vez|ninguém responde|estou farto|estou farta|cansado de|"
+    "cansada de|nunca mais",
+    "zh": "他妈|妈的|律师|起诉|曝光|差评|第三次|一次又一次|没人回复|没人理|受够了|再也不",
+    "ja": "クソ|くそ|弁護士|訴え|消費者センター|悪い評価|レビューに書|三回目|3回目|何度言|誰も返事|"
+    "もう二度と|うんざり|いい加減にし",
+}
 _WORDS = {w for words in ANGER_WORDS.values() for w in words.split()}
+_PHRASES = {x for phrases in ANGER_PHRASES.values() for x in phrases.split("|")}
 _CJK_WORDS = [w for w in _WORDS if not w.isascii() and re.search(r"[\u3040-\u9fff]", w)]
 
 
@@ -54,13 +77,22 @@ class Mood:
     wording: float = 0.0  # 0..1: anger signals in the words themselves (heuristic_negativity)
 
 
+def _phrase_in(phrase: str, lowered: str) -> bool:
+    """Latin-script phrases match at word boundaries ("mist" is not "mistake"); CJK ones anywhere."""
+    if not phrase.isascii() and re.search(r"[\u3040-\u9fff]", phrase):
+        return phrase in lowered
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", lowered) is not None
+
+
 def heuristic_negativity(text: str) -> float:
-    """0..1 from anger words, repeated exclamation marks and shouting (capital letters)."""
+    """0..1 from anger words and phrases (profanity, threats, repeated complaints), repeated
+    exclamation marks and shouting (capital letters)."""
     lowered = text.lower()
     words = set(re.findall(r"\w+", lowered))
     hits = sum(1 for w in _WORDS if w.isascii() and w in words)
     hits += sum(1 for w in _WORDS if not w.isascii() and not re.search(r"[\u3040-\u9fff]", w) and w in words)
     hits += sum(1 for w in _CJK_WORDS if w in text)
+    hits += sum(1 for x in _PHRASES if _phrase_in(x, lowered))
     letters = [c for c in text if c.isalpha() and c.isascii()]
     caps = sum(1 for c in letters if c.isupper()) / len(letters) if len(letters) >= 12 else 0.0
     score = 0.4 * hits + (0.15 if "!!" in text or "！" in text else 0.0) + (0.3 if caps > 0.6 else 0.0)

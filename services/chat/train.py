@@ -27,6 +27,7 @@ from services.runtime.state import StateConfig
 
 from .config import ChatSettings
 from .evaluate import DEV_FILE, embed_questions, evaluate, load_questions
+from .faithfulness import calibrate
 from .index import HybridIndex, RetrievalParams
 from .intent import EXAMPLES_FILE, IntentModel, IntentParams, load_examples
 from .knowledge import Embedder, knowledge_files
@@ -35,7 +36,7 @@ from .store import ChatStore
 
 log = logging.getLogger("cbec.chat.train")
 # Bump when the model format or the training procedure changes (part of the data fingerprint).
-TRAIN_REVISION = "4"
+TRAIN_REVISION = "5"
 
 
 def data_fingerprint() -> str:
@@ -131,9 +132,14 @@ def train(models_dir: Path, state: StateConfig, embedder: Embedder | None = None
     retrieval = tune_retrieval(dev, dev_vectors, index, intent)
     intent = intent.with_params(tune_intent(dev, dev_vectors, index, retrieval, intent))
     metrics = evaluate(dev, dev_vectors, index, retrieval, intent)
-    policy = Policy(handoff_threshold=tune_threshold(metrics["predictions"]))
+    support = calibrate(articles, embedder)  # the faithfulness check's similarity floor
+    policy = Policy(
+        handoff_threshold=tune_threshold(metrics["predictions"]),
+        support_threshold=float(support["threshold"]),  # type: ignore[arg-type]
+    )
     names = ("retrieval_top1", "retrieval_top3", "intent_accuracy")
     dev_metrics = {f"dev_{k}": float(metrics[k]) for k in names}
+    dev_metrics["support_balanced_accuracy"] = float(support["balanced_accuracy"])  # type: ignore[arg-type]
     counts = {"articles": len(articles), "intent_examples": len(examples), "dev_questions": len(dev)}
     version = write_version(models_dir, intent, retrieval, policy, dev_metrics, data_fingerprint(), counts)
     log.info("trained chat model %s: %s", version, dev_metrics)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from services.chat.answer import Composer
 from services.chat.engine import HANDOFF, Understanding, plan, understand
 from services.chat.index import HybridIndex, Retrieval
 from services.chat.intent import IntentResult
@@ -81,29 +82,55 @@ def _understanding(
 
 
 def test_low_confidence_hands_off(
-    parts: tuple[HybridIndex, ChatModel, LanguageDetector], tmp_path: Path
+    parts: tuple[HybridIndex, ChatModel, LanguageDetector], embedder: Embedder, tmp_path: Path
 ) -> None:
     _, model, _ = parts
     store = open_store(tmp_path)
-    p = plan(_understanding("shipping", 0.1, "de"), model, CALM, store, "u-1001")
+    p = plan(_understanding("shipping", 0.1, "de"), model, CALM, store, "u-1001", Composer(embedder))
     assert p.handoff and p.answer_source == HANDOFF and "low confidence" in p.handoff_reason
     assert "Kundenservice" not in p.text and "Kollegin" in p.text  # the German hand-off reply
-    p = plan(_understanding("shipping", 0.9), model, Mood(True, 0.95, "sentiment-service"), store, "u-1001")
+    p = plan(
+        _understanding("shipping", 0.9),
+        model,
+        Mood(True, 0.95, "sentiment-service"),
+        store,
+        "u-1001",
+        Composer(embedder),
+    )
     assert p.handoff and "angry" in p.handoff_reason
     store.close()
 
 
 def test_order_lookup_is_scoped_to_the_caller(
-    parts: tuple[HybridIndex, ChatModel, LanguageDetector], prepared: Prepared, tmp_path: Path
+    parts: tuple[HybridIndex, ChatModel, LanguageDetector],
+    embedder: Embedder,
+    prepared: Prepared,
+    tmp_path: Path,
 ) -> None:
     _, model, _ = parts
     store = open_store(tmp_path)
     seed(store, prepared)
-    mine = plan(_understanding("order_status", 0.9, ids=["CB-100231"]), model, CALM, store, "u-1001")
+    mine = plan(
+        _understanding("order_status", 0.9, ids=["CB-100231"]),
+        model,
+        CALM,
+        store,
+        "u-1001",
+        Composer(embedder),
+    )
     assert "JD014600006281" in mine.text
-    theirs = plan(_understanding("order_status", 0.9, ids=["CB-100250"]), model, CALM, store, "u-1001")
+    theirs = plan(
+        _understanding("order_status", 0.9, ids=["CB-100250"]),
+        model,
+        CALM,
+        store,
+        "u-1001",
+        Composer(embedder),
+    )
     assert "9400111899223856" not in theirs.text and "CB-100250" in theirs.text
     assert store.order_for_user("CB-100250", "u-1002") is not None  # it exists, just not for u-1001
-    anonymous = plan(_understanding("order_status", 0.9, ids=["CB-100231"]), model, CALM, store, "")
+    anonymous = plan(
+        _understanding("order_status", 0.9, ids=["CB-100231"]), model, CALM, store, "", Composer(embedder)
+    )
     assert "sign in" in anonymous.text
     store.close()

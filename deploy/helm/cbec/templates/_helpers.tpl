@@ -177,12 +177,36 @@ The state settings as YAML: backend, dir, and for the shared backend one entry p
 {{- end -}}
 
 {{/*
+The chat LLM endpoint as YAML: mode (inProcess | external | server); for external and server also url
+(the API base chat calls) and port (for chat's egress).
+*/}}
+{{- define "cbec.llm" -}}
+{{- $l := .Values.llm -}}
+{{- $out := dict "mode" $l.mode -}}
+{{- if eq $l.mode "server" -}}
+{{- $host := printf "%s.%s.svc.%s" (include "cbec.componentName" (dict "root" . "name" "llm")) .Release.Namespace .Values.clusterDomain -}}
+{{- $_ := set $out "url" (printf "http://%s:%d/v1" $host (int $l.server.port)) -}}
+{{- $_ := set $out "port" (int $l.server.port) -}}
+{{- else if eq $l.mode "external" -}}
+{{- $u := urlParse $l.external.url -}}
+{{- $port := ternary 443 80 (eq $u.scheme "https") -}}
+{{- if regexMatch ":[0-9]+$" $u.host -}}{{- $port = regexFind "[0-9]+$" $u.host | int -}}{{- end -}}
+{{- $_ := set $out "url" $l.external.url -}}
+{{- $_ := set $out "port" $port -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
+{{/*
 Refuse combinations the JSON schema cannot express (it cannot see the services merged over defaults).
 Renders nothing.
 */}}
 {{- define "cbec.validate" -}}
 {{- $root := . -}}
 {{- include "cbec.validateAuth" . -}}
+{{- if and (eq .Values.llm.mode "external") (not .Values.llm.external.url) -}}
+{{- fail "llm.mode is external but llm.external.url is empty: set the OpenAI-compatible API base (https://host/v1)" -}}
+{{- end -}}
 {{- $st := .Values.state -}}
 {{- range $store := list "postgres" "redis" -}}
 {{- $cfg := get $st $store -}}
@@ -293,6 +317,15 @@ and the CA its callers' certificates must chain to, and the client certificate o
 {{- /* The gateway's share of the global rate limit while Redis is unreachable: rate / replicas. */ -}}
 {{- $_ := set $env "CBEC_RATE_LIMIT_REPLICAS" (toString (ternary $s.autoscaling.minReplicas $s.replicas $s.autoscaling.enabled)) -}}
 {{- end -}}
+{{- $llm := include "cbec.llm" $root | fromYaml -}}
+{{- $remoteLLM := and (eq $name "chat") (not $train) (ne $llm.mode "inProcess") -}}
+{{- if $remoteLLM -}}
+{{- /* chat's LLM is an OpenAI-compatible endpoint (values: llm). */ -}}
+{{- $_ := set $env "CBEC_LLM_BACKEND" "openai" -}}
+{{- $_ := set $env "CBEC_LLM_URL" $llm.url -}}
+{{- $_ := set $env "CBEC_LLM_MODEL" $root.Values.llm.model -}}
+{{- $_ := set $env "CBEC_LLM_TIMEOUT_S" (toString $root.Values.llm.timeoutSeconds) -}}
+{{- end -}}
 {{- range $k, $v := $s.env -}}
 {{- $_ := set $env $k (toString $v) -}}
 {{- end -}}
@@ -315,6 +348,11 @@ and the CA its callers' certificates must chain to, and the client certificate o
 - name: {{ .name }}
   valueFrom:
     secretKeyRef: {name: {{ .secretName }}, key: {{ .key }}}
+{{- end }}
+{{- if and $remoteLLM $root.Values.llm.apiKey.existingSecret }}
+- name: CBEC_LLM_API_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ $root.Values.llm.apiKey.existingSecret }}, key: {{ $root.Values.llm.apiKey.key }}}
 {{- end }}
 {{- end -}}
 
