@@ -34,7 +34,7 @@ ANGER_WORDS = {
     "es": "peor horrible terrible inaceptable vergüenza estafa harto harta furioso enfadado ridículo "
     "pésimo indignante queja",
     "de": "schlimmste schrecklich unverschämt frechheit betrug wütend ärgerlich inakzeptabel "
-    "katastrophe zumutung lächerlich verärgert beschwerde",
+    "katastrophe zumutung lächerlich verärgert beschwerde verbraucherzentrale",
     "fr": "pire horrible inadmissible inacceptable arnaque honte furieux scandale nul ridicule "
     "lamentable plainte énervé",
     "pt": "pior horrível absurdo inaceitável vergonha golpe irritado péssimo ridículo palhaçada "
@@ -53,7 +53,7 @@ ANGER_PHRASES = {
     "ya estoy harto|estoy harta|nunca más|tomadura de pelo",
     "de": "scheiße|scheisse|verdammt|mist|anwalt|verklagen|anzeige|rückbuchung|schlechte bewertung|"
     "zum dritten mal|zum vierten mal|schon wieder|niemand antwortet|die nase voll|"
-    "nie wieder|abzocke",
+    "nie wieder|abzocke|das letzte",
     "fr": "merde|putain|bordel|avocat|porter plainte|poursuivre en justice|rétrofacturation|"
     "mauvais avis|troisième fois|quatrième fois|personne ne répond|j'en ai marre|"
     "ras-le-bol|plus jamais|arnaqué",
