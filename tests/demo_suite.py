@@ -105,6 +105,12 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
     models = work / "models"
     build_all(models, work / "model-work", demo_dir=demo_dir)
     seed_chat(work / "state", demo_dir)
+    # Chat's answers are shown in the README as make run gives them: its real training (about a
+    # minute: intent, retrieval and the faithfulness check's calibration) replaces the tiny version.
+    from services.chat.train import train as train_chat
+    from services.runtime.state import StateConfig
+
+    train_chat(models, StateConfig(state_dir=work / "state"))
     http_port = free_port()
     grpc_ports = {name: free_port() for name in (*SERVICES, "gateway")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}

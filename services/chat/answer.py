@@ -153,9 +153,15 @@ class Composer:
                 scores[i] += p.category_bonus
         order = [int(i) for i in np.argsort(-scores, kind="stable")]
         chosen = [order[0]]
-        for i in order[1 : p.max_units]:
-            if scores[i] >= scores[order[0]] - p.margin:
-                chosen.append(i)
+        wanted = countries | wanted_regions
+        local = bool(au.units[order[0]].places & wanted)
+        for i in order[1:]:
+            if len(chosen) == p.max_units or scores[i] < scores[order[0]] - p.margin:
+                break
+            # Once the customer's own country or region answers, rules for other places do not.
+            if local and au.units[i].places and not au.units[i].places & wanted:
+                continue
+            chosen.append(i)
         for i in list(chosen):
             lead = au.units[i].lead
             if au.units[i].row and lead >= 0 and lead not in chosen:

@@ -178,8 +178,11 @@ def plan(
 
     if not hits:
         return handoff("handoff_unsure", "no article found")
-    top = hits[0]
-    if top.topic != intent:  # the intent says one topic, the best article another: answer less sure
+    # The intent model and retrieval vote together: the best article on the intent's topic among the
+    # top three ("how long to Mexico?" is shipping even when the tracking article ranks first).
+    top = next((h for h in hits[:3] if h.topic == intent), hits[0])
+    base.sources.sort(key=lambda x: x.article_id != top.article_id)  # the answer's article first
+    if top.topic != intent:  # the intent says one topic, every article found another: answer less sure
         conf = conf * 0.5
         base.confidence = conf
         if conf < model.policy.handoff_threshold:
