@@ -10,6 +10,7 @@ test's gateway. Every one must get a 2xx.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -95,3 +96,44 @@ def test_every_readme_example_gets_a_2xx(suite: tuple[str, Path], readme: str) -
         if done.returncode != 0 or not 200 <= status < 300 or streamed_error:
             failures.append(f"{command}\n  -> exit {done.returncode}, HTTP {status}: {done.stdout[-600:]}")
     assert not failures, "README examples that fail:\n" + "\n".join(failures)
+
+
+EXCHANGE_MARK = "<!-- chat-exchange -->"
+
+
+def chat_exchanges() -> list[tuple[str, dict[str, object]]]:
+    """Each ``<!-- chat-exchange -->`` of the README: its curl command and the result it shows."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    out = []
+    for part in text.split(EXCHANGE_MARK)[1:]:
+        found = re.match(r"\s*```bash\n(.*?)```\s*```json\n(.*?)```", part, re.S)
+        assert found is not None, "a chat exchange is a bash block followed by a json block"
+        out.append((found.group(1).strip(), json.loads(found.group(2))))
+    return out
+
+
+def test_the_readme_shows_two_chat_exchanges_in_two_languages() -> None:
+    exchanges = chat_exchanges()
+    assert len(exchanges) == 2
+    assert len({shown["result"]["result"]["language"] for _, shown in exchanges}) == 2  # type: ignore[index]
+
+
+def test_the_readme_chat_exchanges_are_what_the_service_answers(suite: tuple[str, Path]) -> None:
+    url, work = suite
+    setup, _ = readme_examples("README.md")
+    differ = []
+    for command, shown in chat_exchanges():
+        done = subprocess.run(
+            ["bash", "-c", f"set -e\n{setup}\nGW={url}\n{command}\n"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        got = json.loads(done.stdout)["result"]["result"]  # the stream's last message: the result
+        want = shown["result"]["result"]  # type: ignore[index]
+        assert isinstance(want, dict)
+        if {k: got.get(k) for k in want} != want:
+            differ.append(f"{command}\n  shows {json.dumps(want, ensure_ascii=False)}\n  got {done.stdout}")
+    assert not differ, "README chat exchanges that differ:\n" + "\n".join(differ)
