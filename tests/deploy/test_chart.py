@@ -105,6 +105,34 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "readme: a new service [2]": {
         "services": {"translate": {"grpcPort": 50060, "metricsPort": 9110, "gpuImage": True}}
     },
+    "readme: chat's LLM on a GPU node [4]": {
+        "llm": {
+            "mode": "server",
+            "apiKey": {"existingSecret": "cbec-llm", "key": "api-key"},
+            "server": {
+                "args": [
+                    "--model",
+                    "/models/llm/model.gguf",
+                    "--n-gpu-layers",
+                    "999",
+                    "--ctx-size",
+                    "32768",
+                    "--parallel",
+                    "8",
+                ],
+                "gpu": {"count": 1, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+            },
+        }
+    },
+    "readme: chat's LLM elsewhere [4]": {
+        "llm": {
+            "mode": "external",
+            "external": {
+                "url": "https://llm.example.com/v1",
+                "egressTo": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+            },
+        }
+    },
     "readme: embedded state [3]": {
         "state": {"backend": "embedded", "embedded": {"size": "20Gi", "storageClassName": "standard-rwo"}},
         "services": {"gateway": {"replicas": 1}},
