@@ -96,6 +96,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def path_of(result: chat_pb2.ConverseResult) -> str:
+    """The answer path: the answer source, with extractive answers sent after the LLM's rewrite was
+    turned away (or the LLM failed or was busy) told apart from those where no rewrite was planned."""
+    source = SOURCES[result.answer_source]
+    if result.answer_source == chat_pb2.ANSWER_SOURCE_ARTICLE and result.fallback_reason:
+        return "ANSWER_SOURCE_ARTICLE_AFTER_REWRITE"
+    return source
+
+
 async def _converse(stub: chat_pb2_grpc.ChatServiceStub, message: str, user: str) -> tuple[float, float, str]:
     t0 = time.perf_counter()
     first = None
@@ -104,7 +113,7 @@ async def _converse(stub: chat_pb2_grpc.ChatServiceStub, message: str, user: str
         if first is None:
             first = time.perf_counter() - t0
         if chunk.WhichOneof("chunk") == "result":
-            source = SOURCES[chunk.result.answer_source]
+            source = path_of(chunk.result)
     return (first or 0.0) * 1000, (time.perf_counter() - t0) * 1000, source
 
 
@@ -177,7 +186,7 @@ async def answer_phase(port: int, items: list[AnswerItem]) -> list[Answered]:
                 Answered(
                     item,
                     result.answer,
-                    SOURCES[result.answer_source].removeprefix("ANSWER_SOURCE_").lower(),
+                    path_of(result).removeprefix("ANSWER_SOURCE_").lower(),
                     result.handoff,
                     "\n".join(evidence),
                     len(expected.body) if expected is not None else 0,

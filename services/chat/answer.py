@@ -1,8 +1,9 @@
 # ruff: noqa: RUF001 -- CJK sentence punctuation is intended
 """Extractive answers: the part of an article that answers this question, in the article's language.
 
-An article is cut into units: its sentences, and the rows of its lists (a row keeps the line that
-introduces its list, e.g. "Delivery times after dispatch:", so it reads on its own). A unit's score is
+An article is cut into units: its sentences (a question heading such as "Forgot your password?" joined
+to the sentence answering it), and the rows of its lists (a row brings the line that introduces its
+list, e.g. "Delivery times after dispatch:", which is never chosen alone). A unit's score is
 the multilingual encoder's similarity (e5 query vector of the question against the unit's passage
 vector), plus bonuses: for the article's
 first unit (articles lead with their main rule), for naming the customer's country (from the text, else
@@ -82,9 +83,21 @@ def split_units(body: str, language: str) -> list[Unit]:
             text = _ROW.sub("", line)
             units.append(_unit(text, language, row=True, lead=lead))
             continue
+        pending = ""  # a question heading ("Forgot your password?") stays with the sentence answering it
         for sentence in (s.strip() for s in _SENTENCE_END.split(line)):
-            if sentence:
-                units.append(_unit(sentence, language, row=False, lead=-1))
+            if not sentence:
+                continue
+            if sentence.endswith(("?", "？")):
+                pending = (
+                    f"{pending} {sentence}".strip() if language not in ("zh", "ja") else pending + sentence
+                )
+                continue
+            if pending:
+                sentence = f"{pending} {sentence}" if language not in ("zh", "ja") else pending + sentence
+                pending = ""
+            units.append(_unit(sentence, language, row=False, lead=-1))
+        if pending:
+            units.append(_unit(pending, language, row=False, lead=-1))
         lead = len(units) - 1 if units and units[-1].text.endswith((":", "：")) else -1
     return units
 
@@ -151,6 +164,9 @@ class Composer:
                 scores[i] += p.conditional_bonus
             if u.categories & wanted_categories:
                 scores[i] += p.category_bonus
+        leads = {u.lead for u in au.units if u.row}
+        for i in leads:  # a list's lead line says nothing alone: it comes only with a row it introduces
+            scores[i] = -np.inf
         order = [int(i) for i in np.argsort(-scores, kind="stable")]
         chosen = [order[0]]
         wanted = countries | wanted_regions
