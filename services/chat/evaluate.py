@@ -171,6 +171,10 @@ def unsupported_facts(answer: str, evidence: str, item: AnswerItem) -> list[str]
 
 def answer_metrics(rows: Sequence[Answered]) -> dict[str, Any]:
     """The answer figures overall, per language and per answer path, and every miss."""
+    # Once per row (country matching is the slow part), shared by every grouping below.
+    unsupported = {
+        id(r): unsupported_facts(r.answer, r.evidence, r.item) if not r.handoff else [] for r in rows
+    }
 
     def summarise(group: Sequence[Answered]) -> dict[str, Any]:
         calm = [r for r in group if r.item.kind in CALM_KINDS]
@@ -179,13 +183,13 @@ def answer_metrics(rows: Sequence[Answered]) -> dict[str, Any]:
         fact_hits = [fact_present(f, r.answer) for r in answered for f in r.item.facts]
         # Hand-offs count as missing every fact: a question handed off unneeded was not answered.
         fact_total = sum(len(r.item.facts) for r in calm)
-        unsupported = [r for r in answered if unsupported_facts(r.answer, r.evidence, r.item)]
+        flagged = [r for r in answered if unsupported[id(r)]]
         ratios = [len(r.answer) / r.article_chars for r in answered if r.article_chars]
         out: dict[str, Any] = {
             "items": len(group),
             "answered": len(answered),
             "answer_fact_recall": round(sum(fact_hits) / fact_total, 4) if fact_total else None,
-            "unsupported_fact_rate": round(len(unsupported) / len(answered), 4) if answered else None,
+            "unsupported_fact_rate": round(len(flagged) / len(answered), 4) if answered else None,
             "answer_length_ratio": round(float(np.median(ratios)), 4) if ratios else None,
             "false_handoff_rate": round(sum(r.handoff for r in calm) / len(calm), 4) if calm else None,
             "handoff_recall": round(sum(r.handoff for r in want) / len(want), 4) if want else None,
@@ -211,7 +215,7 @@ def answer_metrics(rows: Sequence[Answered]) -> dict[str, Any]:
             "missing_facts": [f for f in r.item.facts if not fact_present(f, r.answer)]
             if not r.handoff
             else [],
-            "unsupported": unsupported_facts(r.answer, r.evidence, r.item),
+            "unsupported": unsupported[id(r)],
             "fallback_reason": r.fallback_reason,
         }
         for r in rows
@@ -220,6 +224,6 @@ def answer_metrics(rows: Sequence[Answered]) -> dict[str, Any]:
             and (r.handoff or not all(fact_present(f, r.answer) for f in r.item.facts))
         )
         or (r.item.kind in HANDOFF_KINDS and not r.handoff)
-        or (not r.handoff and unsupported_facts(r.answer, r.evidence, r.item))
+        or unsupported[id(r)]
     ]
     return summary

@@ -47,6 +47,13 @@ class GenerationStats:
     cancelled: bool = False
     finish_reason: str = ""
 
+    def streamed(self, text: str, started: float, on_delta: Callable[[str], None]) -> None:
+        """One streamed piece of an OpenAI-style chat completion (llama.cpp's and an HTTP server's)."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - started
+        self.tokens += 1
+        on_delta(text)
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -158,10 +165,7 @@ class LlamaCppBackend:
             for choice in (chunk or {}).get("choices", ()):
                 text = (choice.get("delta") or {}).get("content")
                 if text:
-                    if stats.first_token_s is None:
-                        stats.first_token_s = time.perf_counter() - started
-                    stats.tokens += 1
-                    on_delta(text)
+                    stats.streamed(text, started, on_delta)
                 if choice.get("finish_reason"):
                     stats.finish_reason = str(choice["finish_reason"])
             timings = (chunk or {}).get("timings")
@@ -378,10 +382,7 @@ class OpenAIBackend:
                     for choice in chunk.choices:
                         text = choice.delta.content if choice.delta is not None else None
                         if text:
-                            if stats.first_token_s is None:
-                                stats.first_token_s = time.perf_counter() - started
-                            stats.tokens += 1
-                            on_delta(text)
+                            stats.streamed(text, started, on_delta)
                         if choice.finish_reason:
                             stats.finish_reason = str(choice.finish_reason)
                     if chunk.usage is not None:
