@@ -103,10 +103,10 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
     )
     catalogue = build(demo_dir, params, progress=False)
     models = work / "models"
-    build_all(models, work / "model-work", demo_dir=demo_dir)
+    build_all(models, work / "model-work", demo_dir=demo_dir, skip=frozenset({"chat"}))
     seed_chat(work / "state", demo_dir)
     # Chat's answers are shown in the README as make run gives them: its real training (about a
-    # minute: intent, retrieval and the faithfulness check's calibration) replaces the tiny version.
+    # minute: intent, retrieval and the faithfulness check's calibration) instead of a tiny version.
     from services.chat.train import train as train_chat
     from services.runtime.state import StateConfig
 

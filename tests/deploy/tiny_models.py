@@ -134,9 +134,11 @@ def chat(models_dir: Path) -> str:
     )
 
 
-def build_all(models_dir: Path, work: Path, demo_dir: Path | None = None) -> dict[str, str]:
-    """A version of every service in ``models_dir``; returns {service: version}. ``demo_dir``: a demo
-    catalogue (``demo.catalogue``) for the recommender to learn."""
+def build_all(
+    models_dir: Path, work: Path, demo_dir: Path | None = None, skip: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """A version of every service in ``models_dir`` but those in ``skip``; returns {service: version}.
+    ``demo_dir``: a demo catalogue (``demo.catalogue``) for the recommender to learn."""
     work.mkdir(parents=True, exist_ok=True)
     steps = {
         "risk": lambda: risk(models_dir),
@@ -145,6 +147,7 @@ def build_all(models_dir: Path, work: Path, demo_dir: Path | None = None) -> dic
         "chat": lambda: chat(models_dir),
         "sentiment": lambda: sentiment(models_dir, work),
     }
+    steps = {name: step for name, step in steps.items() if name not in skip}
     versions: dict[str, str] = {}
     with Progress(transient=True) as progress:
         task = progress.add_task("tiny models", total=len(steps))
