@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SITE := $(VENV)/lib/python3.11/site-packages
 PROTO_FILES := $(shell find protos -name '*.proto')
-GOOGLE_PROTOS := google/api/annotations.proto google/api/http.proto google/rpc/status.proto google/rpc/error_details.proto
+GOOGLE_PROTOS := google/api/annotations.proto google/api/http.proto google/api/field_behavior.proto \
+	google/rpc/status.proto google/rpc/error_details.proto google/type/money.proto
 # faiss's bundled OpenBLAS misdetects these CPUs; faiss and LightGBM share OpenMP politely with PASSIVE.
 export OPENBLAS_CORETYPE ?= Haswell
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -50,7 +51,7 @@ gen/.stamp: $(PROTO_FILES) $(VENV)/.installed
 	rm -rf gen build/protodeps && mkdir -p gen build/protodeps
 	cd $(SITE) && cp --parents $(GOOGLE_PROTOS) $(CURDIR)/build/protodeps/
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --python_out=gen --pyi_out=gen --grpc_python_out=gen \
-		--descriptor_set_out=gen/cbec.binpb --include_imports $(PROTO_FILES)
+		--descriptor_set_out=gen/cbec.binpb --include_imports --include_source_info $(PROTO_FILES)
 	touch $@
 
 protos: gen/.stamp
