@@ -421,7 +421,7 @@ def summarise(raw: dict[str, Any], suite: Any, args: argparse.Namespace) -> dict
     return {
         "suite": {
             "how": "every service and the gateway as processes with make run's environment "
-            "(services/runtime/launcher.py: CBEC_ENV=dev, embedded state, internal token), free ports, "
+            "(tools/launcher.py: CBEC_GATEWAY_ENV=dev, embedded state, internal token), free ports, "
             "the gateway's default settings; chat without an LLM",
             "models": "tiny: tests/deploy/tiny_models.py" if suite.models == "tiny" else suite.models,
             "processes": sorted(suite.processes),

@@ -334,7 +334,7 @@ def main() -> None:
         cwd=ROOT,
         env={**base_env, "CBEC_GRPC_PORT": str(sentiment_port)},
     )
-    env = {**base_env, "CBEC_GRPC_PORT": str(port), "CBEC_SENTIMENT_ADDR": f"127.0.0.1:{sentiment_port}"}
+    env = {**base_env, "CBEC_GRPC_PORT": str(port), "CBEC_CHAT_SENTIMENT_ADDR": f"127.0.0.1:{sentiment_port}"}
     proc = subprocess.Popen([sys.executable, "-m", "services.chat"], cwd=ROOT, env=env)
     try:
         for name, address in (("sentiment", sentiment_port), ("chat", port)):

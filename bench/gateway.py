@@ -100,19 +100,19 @@ class Processes:
         self.start_sentiment()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("CBEC_")},
-            "CBEC_ENV": "dev",
+            "CBEC_GATEWAY_ENV": "dev",
             "CBEC_HOST": "127.0.0.1",
             "CBEC_GRPC_PORT": str(self.grpc_port),
-            "CBEC_HTTP_PORT": str(self.http_port),
+            "CBEC_GATEWAY_HTTP_PORT": str(self.http_port),
             "CBEC_METRICS_PORT": "0",
             "CBEC_LOG_LEVEL": "ERROR",
-            "CBEC_PRODUCT_IMAGES_DIR": str(self.images),
-            "CBEC_RATE_LIMIT_PER_S": "1000000",
-            "CBEC_RATE_LIMIT_BURST": "1000000",
+            "CBEC_GATEWAY_PRODUCT_IMAGES_DIR": str(self.images),
+            "CBEC_GATEWAY_RATE_LIMIT_PER_S": "1000000",
+            "CBEC_GATEWAY_RATE_LIMIT_BURST": "1000000",
             "CBEC_MAX_CONCURRENT_CALLS": "10000",
             "CBEC_BREAKER_OPEN_S": "0.5",
             "CBEC_RECONNECT_MAX_BACKOFF_S": "0.5",
-            **{f"CBEC_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()},
+            **{f"CBEC_GATEWAY_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()},
         }
         self.gateway = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env)
 

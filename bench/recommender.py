@@ -496,7 +496,7 @@ async def serve_and_load(
         "CBEC_DEVICE": "cpu",
         "CBEC_LOG_LEVEL": "WARNING",
         "CBEC_STATE_DIR": str(state),
-        "CBEC_EMBEDDINGS_CACHE": str(state / "embeddings.sqlite3"),
+        "CBEC_RECOMMENDER_EMBEDDINGS_CACHE": str(state / "embeddings.sqlite3"),
         # as in production: the internal token on every call, the user named as the gateway names it
         "CBEC_INTERNAL_TOKEN_FILE": str(token_file()),
     }

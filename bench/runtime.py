@@ -3,7 +3,10 @@
 1. Empty unary RPC, bare ``grpc.aio`` server vs. the same handler behind the runtime (interceptor,
    metrics, request ids, health, reflection). Each server runs in its own process; the load comes
    from this process. Rounds alternate bare/runtime so machine noise hits both alike.
-   ``runtime_overhead_ratio`` = runtime throughput / bare throughput (goal >= 0.8).
+   ``runtime_overhead_ratio`` = runtime throughput / bare throughput (goal >= 0.8). The same rounds
+   also run the runtime with tracing on (``--trace-sample-ratio``, default 1%: OpenTelemetry's SDK,
+   a span per call, sampled ones exported as OTLP JSON lines to a temporary file), reported as
+   ``runtime_overhead_ratio_traced`` (goal >= 0.8 too).
 2. A model stub with a fixed per-batch cost (``--batch-cost-ms``, sleeping like a GPU kernel or
    a BLAS call that releases the GIL) behind the runtime at concurrency 64, with the micro-batcher
    (max batch 64) vs. without (max batch 1). ``batcher_speedup`` = batched / unbatched (goal >= 4).
@@ -175,15 +178,27 @@ async def _measure(
         proc.wait(30)
 
 
-async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, Any]:
+def _tracing_env(sample_ratio: float) -> dict[str, str]:
+    """Tracing on, exporting to a file (the SDK's whole path, no collector to run)."""
+    path = Path(tempfile.mkdtemp(prefix="bench-runtime-traces-")) / "spans.jsonl"
+    return {"CBEC_TRACE_FILE": str(path), "CBEC_TRACE_SAMPLE_RATIO": str(sample_ratio)}
+
+
+async def run(
+    rounds: int, seconds: float, batch_cost_ms: float, trace_sample_ratio: float = 0.01
+) -> dict[str, Any]:
     bare: list[LoadResult] = []
     runtime: list[LoadResult] = []
+    traced: list[LoadResult] = []
+    tracing = _tracing_env(trace_sample_ratio)
     with Progress() as progress:
-        task = progress.add_task("empty RPC: bare vs runtime", total=rounds * 2 + 2)
+        task = progress.add_task("empty RPC: bare vs runtime vs traced", total=rounds * 3 + 2)
         for _ in range(rounds):
             bare.append(await _measure("bare", "Empty", 16, seconds))
             progress.advance(task)
             runtime.append(await _measure("runtime", "Empty", 16, seconds))
+            progress.advance(task)
+            traced.append(await _measure("runtime", "Empty", 16, seconds, tracing))
             progress.advance(task)
         progress.update(task, description="model stub: batched vs unbatched")
         cost = {"BENCH_BATCH_COST_MS": str(batch_cost_ms), "CBEC_BATCH_MAX_DELAY_MS": "2"}
@@ -200,11 +215,14 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
 
     bare_rps = med(bare, lambda r: r.per_second)
     runtime_rps = med(runtime, lambda r: r.per_second)
+    traced_rps = med(traced, lambda r: r.per_second)
     return {
         "protocol": (
             f"{rounds} alternating rounds of {seconds}s each, closed loop at concurrency 16, "
             "server in its own process, medians reported; runtime server with the internal token "
             "required and identity metadata checked on every call (both servers get the same metadata); "
+            f"traced: the runtime server with tracing on at sample ratio {trace_sample_ratio}, spans to "
+            "a file; "
             f"batcher: concurrency 64, fixed {batch_cost_ms} ms per batch, "
             "max batch 64 vs 1, max delay 2 ms"
         ),
@@ -216,6 +234,12 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
         "runtime_p99_ms": med(runtime, lambda r: r.percentile(99)),
         "runtime_overhead_ratio": round(runtime_rps / bare_rps, 3),
         "runtime_overhead_ratio_goal": 0.8,
+        "trace_sample_ratio": trace_sample_ratio,
+        "traced_calls_per_s": traced_rps,
+        "traced_p50_ms": med(traced, lambda r: r.percentile(50)),
+        "traced_p99_ms": med(traced, lambda r: r.percentile(99)),
+        "runtime_overhead_ratio_traced": round(traced_rps / bare_rps, 3),
+        "traced_server_cpu_us_per_call": cpu_us(traced),
         "bare_server_cpu_us_per_call": cpu_us(bare),
         "runtime_server_cpu_us_per_call": cpu_us(runtime),
         "runtime_cpu_ratio": round(cpu_us(bare) / cpu_us(runtime), 3),
@@ -223,7 +247,7 @@ async def run(rounds: int, seconds: float, batch_cost_ms: float) -> dict[str, An
         "unbatched": unbatched.summary("unbatched_"),
         "batcher_speedup": round(batched.per_second / unbatched.per_second, 2),
         "batcher_speedup_goal": 4,
-        "errors": sum(r.errors for r in bare + runtime) + batched.errors + unbatched.errors,
+        "errors": sum(r.errors for r in bare + runtime + traced) + batched.errors + unbatched.errors,
     }
 
 
@@ -234,6 +258,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batch-cost-ms", type=float, default=10.0)
+    parser.add_argument("--trace-sample-ratio", type=float, default=0.01)
     parser.add_argument("--serve", choices=["bare", "runtime"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,7 +270,7 @@ def main() -> None:
 
         serve_main("bench", BenchService)
         return
-    results = asyncio.run(run(args.rounds, args.seconds, args.batch_cost_ms))
+    results = asyncio.run(run(args.rounds, args.seconds, args.batch_cost_ms, args.trace_sample_ratio))
     path = write_results("runtime", results)
     print(path.read_text())
 

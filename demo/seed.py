@@ -24,9 +24,14 @@ from cbec.vision.v1 import vision_pb2, vision_pb2_grpc
 from tqdm import tqdm
 
 from services.runtime.access import identity_metadata
+from services.runtime.channel import client_channel
+from services.runtime.config import RuntimeSettings
 
 BATCH = 100
 TIMEOUT_S = 120.0
+#: The services the loader calls (their contracts set which calls a channel retries).
+SENTIMENT = sentiment_pb2.DESCRIPTOR.services_by_name["SentimentService"].full_name
+VISION = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -120,10 +125,11 @@ async def seed(
     """Load the catalogue into whichever of vision and sentiment ``addresses`` names; returns how many
     each took, or the error that stopped it (one failing service does not stop the other).
 
-    ``channel_for(address)`` makes the channels (the runtime's ``client_channel``: TLS per
-    ``CBEC_BACKEND_TLS_*``); plaintext when None. ``stopping()`` is asked between batches.
+    ``channel_for(address)`` makes the channels (``run`` passes the runtime's ``client_channel`` with
+    the environment's settings: TLS per ``CBEC_BACKEND_TLS_*``); None: the runtime's channel with its
+    defaults (plaintext). ``stopping()`` is asked between batches.
     """
-    make = channel_for or grpc.aio.insecure_channel
+    make = channel_for or (lambda a: client_channel(a, None, (SENTIMENT, VISION)))
     done: dict[str, int | str] = {}
     steps = {"vision": seed_vision, "sentiment": seed_sentiment}
     for name, step in steps.items():
@@ -151,8 +157,8 @@ def run(
     stopping: Callable[[], bool] = lambda: False,
 ) -> dict[str, int | str]:
     """``seed`` with the runtime's client channels (TLS/mTLS as the environment configures them)."""
-    from services.runtime.access import client_channel
-    from services.runtime.config import RuntimeSettings
-
     settings = RuntimeSettings(service="gateway")
-    return asyncio.run(seed(catalogue_dir, addresses, token, lambda a: client_channel(a, settings), stopping))
+    services = (SENTIMENT, VISION)
+    return asyncio.run(
+        seed(catalogue_dir, addresses, token, lambda a: client_channel(a, settings, services), stopping)
+    )

@@ -1,10 +1,11 @@
 """``GatewayService``: page-level aggregations that fan out to the services concurrently.
 
-Deadlines: the caller's remaining deadline (or ``CBEC_DEFAULT_DEADLINE_S`` when it set none), less a
-small reserve for assembling the answer, bounds every backend call; each backend also has its own cap
-(``CBEC_BACKEND_TIMEOUT_S`` / ``CBEC_BACKEND_TIMEOUTS``). A part that fails or runs out of time is
-left out and listed in ``missing_parts`` with its gRPC code: the page still renders. ``AssessOrder``
-is the exception: without a risk decision it fails closed with UNAVAILABLE and never approves.
+Deadlines: the caller's remaining deadline (or ``CBEC_GATEWAY_DEFAULT_DEADLINE_S`` when it set none),
+less a small reserve for assembling the answer, bounds every backend call; each backend also has its own
+cap (``CBEC_GATEWAY_BACKEND_TIMEOUT_S`` / ``CBEC_GATEWAY_BACKEND_TIMEOUTS``). A part that fails or runs out
+of time is left out and listed in ``missing_parts`` with its gRPC code: the page still renders.
+``AssessOrder`` is the exception: without a risk decision it fails closed with UNAVAILABLE and never
+approves.
 
 The same methods serve the gRPC port (``GatewayServicer``) and the HTTP bridge (called in-process).
 """

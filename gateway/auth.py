@@ -1,9 +1,9 @@
 """Authentication, scopes and per-principal rate limits, shared by the HTTP bridge and the gRPC port.
 
 Credentials (HTTP header or gRPC metadata):
-- ``x-api-key: <key>``: looked up by its SHA-256 in the keys file (``CBEC_API_KEYS_FILE``, mounted from a
-  Kubernetes Secret), or the same document in ``CBEC_API_KEYS_SHA256``. It holds hashes only, so reading
-  it does not reveal a key::
+- ``x-api-key: <key>``: looked up by its SHA-256 in the keys file (``CBEC_GATEWAY_API_KEYS_FILE``,
+  mounted from a Kubernetes Secret), or the same document in ``CBEC_GATEWAY_API_KEYS_SHA256``. It holds
+  hashes only, so reading it does not reveal a key::
 
       {"keys": [{"id": "storefront", "sha256": "<hex>", "scopes": ["gateway", "recommender"],
                  "rate_per_s": 50, "burst": 100}]}
@@ -11,11 +11,11 @@ Credentials (HTTP header or gRPC metadata):
   Keys are 256-bit random tokens (``python -m gateway.keys new``), so a plain SHA-256 is enough; a
   slow password hash would only add latency. The file is re-read when it changes (key rotation
   without a restart).
-- ``authorization: Bearer <JWT>``: HS256 with ``CBEC_JWT_SECRET_FILE`` or RS256/ES256 with
-  ``CBEC_JWT_PUBLIC_KEY_FILE``; ``exp`` is required, ``iss``/``aud`` are checked when configured; scopes
-  come from the ``scope`` (space-separated) or ``scopes`` claim; the principal is ``sub``.
-- Development only (``CBEC_ENV=dev``): the key in ``CBEC_DEV_API_KEY`` (default ``cbec-dev-key``) with
-  every scope. Never accepted with ``CBEC_ENV=prod``.
+- ``authorization: Bearer <JWT>``: HS256 with ``CBEC_GATEWAY_JWT_SECRET_FILE`` or RS256/ES256 with
+  ``CBEC_GATEWAY_JWT_PUBLIC_KEY_FILE``; ``exp`` is required, ``iss``/``aud`` are checked when configured;
+  scopes come from the ``scope`` (space-separated) or ``scopes`` claim; the principal is ``sub``.
+- Development only (``CBEC_GATEWAY_ENV=dev``): the key in ``CBEC_GATEWAY_DEV_API_KEY`` (default
+  ``cbec-dev-key``) with every scope. Never accepted with ``CBEC_GATEWAY_ENV=prod``.
 
 Identity: the end user of a request comes from the credentials, never from the body: a JWT's ``sub``,
 or the ``"user"`` a keys-file entry binds its key to. A request body's user id field (``user_id`` in
@@ -33,7 +33,7 @@ Rate limits: a token bucket per principal (its own rate from the keys file, else
 it, RESOURCE_EXHAUSTED with ``RetryInfo`` (HTTP 429 with ``Retry-After``). Embedded (one gateway) the
 buckets are in memory; with ``CBEC_STATE_BACKEND=shared`` they live in Redis, so the limit holds across
 every gateway replica. Redis unreachable never fails a request: each replica then limits on its own
-with its share of the rate (``1 / CBEC_RATE_LIMIT_REPLICAS``) until Redis answers again.
+with its share of the rate (``1 / CBEC_GATEWAY_RATE_LIMIT_REPLICAS``) until Redis answers again.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class KeyStore:
         self._static: dict[str, Principal] = {}
         if settings.api_keys_sha256:
             self._static = self._principals(
-                parse_keys_document(settings.api_keys_sha256, "CBEC_API_KEYS_SHA256")
+                parse_keys_document(settings.api_keys_sha256, "CBEC_GATEWAY_API_KEYS_SHA256")
             )
         if self.path is not None:
             self._load()
@@ -449,8 +449,8 @@ class Authenticator:
         )
         if self.keys.dev_key_enabled:
             log.warning(
-                "CBEC_ENV=dev: the development API key is accepted; set CBEC_ENV=prod and a keys file "
-                "or JWT key in any shared or production deployment"
+                "CBEC_GATEWAY_ENV=dev: the development API key is accepted; set CBEC_GATEWAY_ENV=prod and a "
+                "keys file or JWT key in any shared or production deployment"
             )
 
     def _fail(self, error: GatewayError) -> GatewayError:

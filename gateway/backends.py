@@ -1,29 +1,23 @@
 """One gRPC channel per backend, with retries, a circuit breaker, deadlines and request ids.
 
-Retries are gRPC's own: each channel carries a service config whose ``retryPolicy`` names only the
-idempotent methods of that backend (see ``descriptors.MethodInfo.idempotent``) and retries
-UNAVAILABLE and RESOURCE_EXHAUSTED (a shed call was never computed, and round robin may send the retry
-to another replica), with exponential backoff inside the caller's deadline; ``retryThrottling`` is the
-retry budget (once more than half the tokens are gone, gRPC stops retrying until successes refill
-them), so shed calls are retried only within it.
+The channel is the runtime's (``services/runtime/channel.py``): TLS/mTLS, keepalive, a reconnect
+backoff capped by ``CBEC_RECONNECT_MAX_BACKOFF_S``, gRPC retries of the methods whose proto declares
+them idempotent (UNAVAILABLE and shed RESOURCE_EXHAUSTED, within a retry budget), the request id and
+the trace context on every call.
 
-The breaker sits on top and sees only the backend's health (``Backend.outcome``, rules in
-``breaker``): client errors, calls the caller cancelled, deadlines the caller chose and per-request
+The breaker (``services/runtime/breaker.py``) sits on top and sees only the backend's health
+(``Backend.outcome``): client errors, calls the caller cancelled, deadlines the caller chose and per-request
 size limits never count; load shedding counts against this backend only; INTERNAL-like failures count
 only when several principals see them. Refusals by the gateway itself (rate limits, fair share, a
 deadline too short to use) never reach the backend or its breaker.
 
 Fair share (``fairness``): each call holds a slot of its backend for the principal it is made for,
 from before the breaker check until it ends (a stream until its call is done, however it ends).
-
-Channels reconnect on their own with a backoff capped by ``CBEC_RECONNECT_MAX_BACKOFF_S`` (gRPC's
-default grows to two minutes), so a restarted backend is used again within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -32,11 +26,20 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.runtime.breaker import (
+    APPLICATION_FAILURE,
+    NEUTRAL,
+    OUTCOMES,
+    STATE_VALUE,
+    SUCCESS,
+    TRANSPORT_FAILURE,
+    CircuitOpen,
+)
+from services.runtime.channel import circuit_breaker, client_channel
 from services.runtime.errors import REQUEST_ID_KEY
 from services.runtime.logs import request_id_var
 
 from .auth import principal_var
-from .breaker import STATE_VALUE, CircuitBreaker, CircuitOpen
 from .config import GatewaySettings
 from .descriptors import MethodInfo, RouteTable
 from .errors import (
@@ -51,50 +54,8 @@ from .metrics import GatewayMetrics
 
 log = logging.getLogger("cbec.gateway.backends")
 CALLER_KEY = "x-cbec-caller"
-#: How a call's end counts for the breaker (``Backend.outcome``).
-OUTCOMES = SUCCESS, NEUTRAL, TRANSPORT_FAILURE, APPLICATION_FAILURE = (
-    "success",
-    "neutral",
-    "transport_failure",
-    "application_failure",
-)
 #: Seconds a call refused for its fair share is told to wait (a slot frees when any call of the key ends).
 FAIR_SHARE_RETRY_S = 1.0
-
-
-def retry_service_config(settings: GatewaySettings, methods: Sequence[MethodInfo]) -> dict[str, Any]:
-    """The channel's service config: retryPolicy for the idempotent unary methods, retryThrottling."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
-    names = [
-        {"service": m.service.full_name, "method": m.name}
-        for m in methods
-        if m.idempotent and m.kind == "unary"
-    ]
-    if names and settings.retry_max_attempts > 1:
-        config["methodConfig"] = [
-            {
-                "name": names,
-                "retryPolicy": {
-                    "maxAttempts": settings.retry_max_attempts,
-                    "initialBackoff": f"{settings.retry_initial_backoff_s}s",
-                    "maxBackoff": f"{settings.retry_max_backoff_s}s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-        config["retryThrottling"] = {
-            "maxTokens": settings.retry_throttle_max_tokens,
-            "tokenRatio": settings.retry_throttle_token_ratio,
-        }
-    return config
-
-
-def channel_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
-    """CBEC_BACKEND_TLS_*: the runtime's, shared with chat's channel to sentiment."""
-    from services.runtime.access import channel_credentials as runtime_credentials
-
-    return runtime_credentials(settings)
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
@@ -127,14 +88,9 @@ class Backend:
         self.settings = settings
         self.metrics = metrics
         self.methods = list(methods)
-        self.service_config = retry_service_config(settings, self.methods)
-        self.breaker = CircuitBreaker(
-            name,
-            settings.breaker_failure_threshold,
-            settings.breaker_open_s,
-            on_change=self._breaker_changed,
-            min_principals=settings.breaker_min_principals,
-        )
+        #: The proto services this backend serves for the gateway (their contract sets the retries).
+        self.services = sorted({m.service.full_name for m in self.methods})
+        self.breaker = circuit_breaker(name, settings, on_change=self._breaker_changed)
         metrics.breaker_state.labels(name).set(0)
         self.fair = FairShare(
             name, settings.backend_max_in_flight, settings.backend_min_share, on_change=self._fair_changed
@@ -158,26 +114,12 @@ class Backend:
         log.log(level, "circuit %s", state, extra={"backend": name})
 
     async def open(self) -> None:
-        s = self.settings
-        options: list[tuple[str, Any]] = [
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(self.service_config)),
-            ("grpc.max_send_message_length", s.backend_max_message_bytes),
-            ("grpc.max_receive_message_length", s.backend_max_message_bytes),
-            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", int(s.reconnect_max_backoff_s * 1000)),
-            ("grpc.per_rpc_retry_buffer_size", min(s.backend_max_message_bytes, 4 * 1024 * 1024)),
-        ]
-        credentials = channel_credentials(s)
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(self.address, options=options)
-        else:
-            if s.backend_tls_server_name:
-                options.append(("grpc.ssl_target_name_override", s.backend_tls_server_name))
-            self.channel = grpc.aio.secure_channel(self.address, credentials, options=options)
+        self.channel = client_channel(
+            self.address,
+            self.settings,
+            self.services,
+            max_message_bytes=self.settings.backend_max_message_bytes,
+        )
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -264,9 +206,9 @@ class Backend:
         """How a call's end counts for the breaker (see ``breaker``): SUCCESS, NEUTRAL or a failure.
 
         DEADLINE_EXCEEDED is a failure only for a unary call whose deadline was at least the gateway's
-        own timeout for this backend (``CBEC_BACKEND_TIMEOUT_S``/``CBEC_BACKEND_TIMEOUTS``): a shorter
-        one is the caller's choice, and a stream's length is up to its client. (So with
-        ``CBEC_DEFAULT_DEADLINE_S`` below a backend's timeout, calls without a caller deadline that
+        own timeout for this backend (``CBEC_GATEWAY_BACKEND_TIMEOUT_S``/``CBEC_GATEWAY_BACKEND_TIMEOUTS``): a
+        shorter one is the caller's choice, and a stream's length is up to its client. (So with
+        ``CBEC_GATEWAY_DEFAULT_DEADLINE_S`` below a backend's timeout, calls without a caller deadline that
         run out are neutral too.) RESOURCE_EXHAUSTED is a failure only when it is load shedding
         (``errors.is_load_shedding``; a bare code is not).
         """

@@ -15,13 +15,17 @@ model-admin API on the backend its ``{service}`` variable names.
   details plus a ``RequestInfo`` with the request id, ``Retry-After`` when there is a ``RetryInfo``;
   never a stack trace.
 - ``X-Request-Id`` (taken from the request or made up) goes to every backend and comes back.
-- ``grpc-timeout`` (e.g. ``500m``) sets the call's deadline; otherwise ``CBEC_DEFAULT_DEADLINE_S``.
+- Tracing on (``services/runtime/tracing.py``): a W3C ``traceparent`` header (and ``tracestate``)
+  continues the caller's trace, a missing or malformed one starts a new trace; the request's SERVER
+  span is the parent of every backend call, and the response's ``traceparent`` header names it.
+- ``grpc-timeout`` (e.g. ``500m``) sets the call's deadline; otherwise ``CBEC_GATEWAY_DEFAULT_DEADLINE_S``.
 - ``/healthz`` liveness, ``/readyz`` the backends' gRPC health, ``/openapi.json`` the API document.
-- Slow and oversized clients: a request head must arrive within ``CBEC_HTTP_HEADER_TIMEOUT_S`` of its
-  first byte, a unary body (or one NDJSON line) within ``CBEC_HTTP_BODY_TIMEOUT_S`` (else 408), and a
-  connection with no request for ``CBEC_HTTP_IDLE_TIMEOUT_S`` is closed. A header line over
-  ``CBEC_HTTP_MAX_HEADER_BYTES`` or more than ``CBEC_HTTP_MAX_HEADERS`` of them is a 431; an unknown
-  method a 501, a known one on the wrong path a 405 with ``Allow``; all as ``google.rpc.Status`` JSON.
+- Slow and oversized clients: a request head must arrive within ``CBEC_GATEWAY_HTTP_HEADER_TIMEOUT_S`` of
+  its first byte, a unary body (or one NDJSON line) within ``CBEC_GATEWAY_HTTP_BODY_TIMEOUT_S`` (else
+  408), and a connection with no request for ``CBEC_GATEWAY_HTTP_IDLE_TIMEOUT_S`` is closed. A header line
+  over ``CBEC_GATEWAY_HTTP_MAX_HEADER_BYTES`` or more than ``CBEC_GATEWAY_HTTP_MAX_HEADERS`` of them is a
+  431; an unknown method a 501, a known one on the wrong path a 405 with ``Allow``; all as
+  ``google.rpc.Status`` JSON.
 - A client that goes away is logged at INFO and counted as 499; its backend call is cancelled.
 """
 
@@ -42,6 +46,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from google.protobuf.message import Message
 
+from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, ServiceError, Violation
 from services.runtime.logs import request_id_var
 
@@ -77,8 +82,10 @@ from .web import Storefront
 log = logging.getLogger("cbec.gateway.http")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 LocalHandler = Callable[[Any, float | None], Awaitable[Message]]
-_CORS_ALLOW_HEADERS = "authorization, content-type, x-api-key, x-request-id, grpc-timeout, accept"
-_CORS_EXPOSE_HEADERS = "x-request-id, retry-after, www-authenticate"
+_CORS_ALLOW_HEADERS = (
+    "authorization, content-type, x-api-key, x-request-id, grpc-timeout, accept, traceparent, tracestate"
+)
+_CORS_EXPOSE_HEADERS = "x-request-id, retry-after, www-authenticate, traceparent"
 
 
 class Bridge:
@@ -91,8 +98,11 @@ class Bridge:
         auth: Authenticator,
         metrics: GatewayMetrics,
         openapi: dict[str, Any],
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
+        #: The gateway's tracer (``Runtime.tracer``); None: tracing is off.
+        self._tracer = tracer
         self.routes = routes
         self.backends = backends
         self.local = local
@@ -172,12 +182,29 @@ class Bridge:
 
     # --- dispatch ---------------------------------------------------------------------------------
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._tracer is None or request.rel_url.raw_path in self._internal:  # no spans for probes
+            return await self._dispatch(request, None)
+        attributes = {"http.request.method": request.method, "url.path": request.rel_url.path}
+        span = tracing.start_server_span(
+            self._tracer, request.method, request.headers, attributes, tracing.HTTP_HEADERS
+        )
+        status = _CLIENT_CLOSED
+        try:
+            response = await self._dispatch(request, tracing.traceparent(span))
+            status = response.status
+            return response
+        finally:
+            tracing.end_http_span(span, status)
+
+    async def _dispatch(self, request: web.BaseRequest, traceparent: str | None) -> web.StreamResponse:
         started = time.perf_counter()
         supplied = request.headers.get("X-Request-Id", "")
         request_id = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
         request_id_var.set(request_id)
         principal_var.set(None)
         headers = {"X-Request-Id": request_id, "Server": "cbec-gateway", **self._cors_headers(request)}
+        if traceparent is not None:
+            headers[tracing.TRACEPARENT] = traceparent
         label = "unmatched"
         response: web.StreamResponse
         try:
@@ -229,6 +256,7 @@ class Bridge:
         return response
 
     def _observe(self, label: str, status: int, started: float) -> None:
+        tracing.name_http_span(label)  # the request's span (when sampled) is named after its route
         entry = self._route_metrics.get(label)
         if entry is None:
             entry = self._route_metrics[label] = (self.metrics.http_seconds.labels(label), {})

@@ -1,14 +1,14 @@
-"""Gateway settings (``CBEC_*`` variables) on top of the runtime's.
+"""Gateway settings (``CBEC_GATEWAY_*`` variables) on top of the runtime's (``CBEC_*``).
 
-Credentials. Production API keys live in a keys file (``CBEC_API_KEYS_FILE``, JSON, mounted from a
-Kubernetes Secret) or in ``CBEC_API_KEYS_SHA256`` (the same JSON from a secret environment variable);
+Credentials. Production API keys live in a keys file (``CBEC_GATEWAY_API_KEYS_FILE``, JSON, mounted from a
+Kubernetes Secret) or in ``CBEC_GATEWAY_API_KEYS_SHA256`` (the same JSON from a secret environment variable);
 either holds only SHA-256 hashes of the keys, never the keys themselves; make an entry with
 ``python -m gateway.keys new --id NAME --scopes gateway,recommender``. JWTs are verified with
-``CBEC_JWT_SECRET_FILE`` (HS256) or ``CBEC_JWT_PUBLIC_KEY_FILE`` (RS256/ES256).
+``CBEC_GATEWAY_JWT_SECRET_FILE`` (HS256) or ``CBEC_GATEWAY_JWT_PUBLIC_KEY_FILE`` (RS256/ES256).
 
-Development key. Only when ``CBEC_ENV=dev`` (``make run`` sets it; the default is ``prod``)
-the key in ``CBEC_DEV_API_KEY`` (default ``cbec-dev-key``, with every scope) is accepted as well and
-a warning is logged at start. With ``CBEC_ENV=prod`` the development key is never
+Development key. Only when ``CBEC_GATEWAY_ENV=dev`` (``make run`` sets it; the default is ``prod``)
+the key in ``CBEC_GATEWAY_DEV_API_KEY`` (default ``cbec-dev-key``, with every scope) is accepted as well and
+a warning is logged at start. With ``CBEC_GATEWAY_ENV=prod`` the development key is never
 accepted, and the gateway refuses to start unless a keys file or a JWT key is configured.
 """
 
@@ -21,17 +21,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from services.runtime.config import DEFAULT_PORTS, RuntimeSettings
+from services.runtime.config import RuntimeSettings
+from services.runtime.registry import SERVICES
 
-#: Backends the gateway knows, named like their package (``cbec.<name>.v1``) and service folder.
-BACKENDS = ("recommender", "chat", "sentiment", "vision", "risk")
+#: Backends the gateway knows, named like their package (``cbec.<name>.v1``) and service folder: the
+#: services the registry says it calls (each has a ``<name>_addr`` field, ``CBEC_GATEWAY_<NAME>_ADDR``).
+BACKENDS = SERVICES["gateway"].calls
 DEV_API_KEY = "cbec-dev-key"
-
-
-def _default_addr(name: str) -> str:
-    """Where ``make run`` starts the service: its standard port, or the launcher's override of it."""
-    port = os.environ.get(f"CBEC_{name.upper()}_GRPC_PORT") or DEFAULT_PORTS[name][0]
-    return f"127.0.0.1:{port}"
 
 
 class GatewaySettings(RuntimeSettings):
@@ -44,11 +40,7 @@ class GatewaySettings(RuntimeSettings):
     max_message_bytes: int = Field(1024 * 1024, ge=1024, le=512 * 1024 * 1024)
 
     # --- backends ---------------------------------------------------------------------------------
-    recommender_addr: str = Field(default_factory=lambda: _default_addr("recommender"))
-    chat_addr: str = Field(default_factory=lambda: _default_addr("chat"))
-    sentiment_addr: str = Field(default_factory=lambda: _default_addr("sentiment"))
-    vision_addr: str = Field(default_factory=lambda: _default_addr("vision"))
-    risk_addr: str = Field(default_factory=lambda: _default_addr("risk"))
+    # <backend>_addr for each of BACKENDS comes from the registry (RuntimeSettings.__init_subclass__).
     backend_timeout_s: float = Field(
         2.0, gt=0, le=600, description="Longest a backend call of an aggregation may take."
     )
@@ -64,17 +56,8 @@ class GatewaySettings(RuntimeSettings):
     deadline_reserve_ms: float = Field(
         25.0, ge=0, le=10_000, description="Kept back from the caller's deadline to assemble the answer."
     )
-    reconnect_max_backoff_s: float = Field(2.0, gt=0, le=120)
-    # CBEC_BACKEND_TLS_* (TLS/mTLS to the services) are runtime settings: chat reads them too.
-
-    # --- resilience -------------------------------------------------------------------------------
-    retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retryPolicy.maxAttempts (1 = off).")
-    retry_initial_backoff_s: float = Field(0.05, gt=0, le=10)
-    retry_max_backoff_s: float = Field(0.5, gt=0, le=60)
-    retry_throttle_max_tokens: int = Field(10, ge=1, le=1000, description="gRPC retryThrottling.")
-    retry_throttle_token_ratio: float = Field(0.1, gt=0, le=1)
-    breaker_failure_threshold: int = Field(5, ge=1, le=10_000, description="Consecutive failures.")
-    breaker_open_s: float = Field(5.0, gt=0, le=3600, description="Open time before one trial call.")
+    # CBEC_BACKEND_TLS_* (TLS/mTLS to the services), the reconnect backoff, CBEC_RETRY_* and
+    # CBEC_BREAKER_* are runtime settings: every client channel (chat's to sentiment too) reads them.
 
     # --- aggregation ------------------------------------------------------------------------------
     feed_default_k: int = Field(20, ge=1, le=500)
@@ -126,7 +109,9 @@ class GatewaySettings(RuntimeSettings):
     http_max_headers: int = Field(100, ge=8, le=10_000, description="Most header lines in one request.")
 
     # --- authentication ---------------------------------------------------------------------------
-    env: Literal["dev", "prod"] = Field("prod", description="dev accepts CBEC_DEV_API_KEY; prod never.")
+    env: Literal["dev", "prod"] = Field(
+        "prod", description="dev accepts CBEC_GATEWAY_DEV_API_KEY; prod never."
+    )
     dev_api_key: str = Field(DEV_API_KEY, min_length=8)
     api_keys_file: Path | None = Field(None, description="JSON file of SHA-256 key hashes (a Secret).")
     api_keys_sha256: str = Field(
@@ -150,7 +135,7 @@ class GatewaySettings(RuntimeSettings):
     )
     keys_reload_s: float = Field(5.0, gt=0, le=3600, description="How often the keys file is re-read.")
 
-    # --- fairness and what a backend's breaker counts (gateway.fairness, gateway.breaker) --------------
+    # --- fairness (gateway.fairness) -----------------------------------------------------------------
     backend_max_in_flight: int = Field(
         256,
         ge=1,
@@ -161,30 +146,12 @@ class GatewaySettings(RuntimeSettings):
     backend_min_share: int = Field(
         8, ge=1, le=1_000_000, description="In-flight calls to a backend a key may always have."
     )
-    breaker_min_principals: int = Field(
-        2,
-        ge=1,
-        le=1000,
-        description="Distinct principals whose INTERNAL/UNKNOWN/DATA_LOSS errors it takes to open a "
-        "breaker (1: any caller's errors open it).",
-    )
     min_backend_timeout_ms: float = Field(
         1.0,
         ge=0,
         le=10_000,
         description="A backend call left with less time fails at once with DEADLINE_EXCEEDED, uncalled.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _address_aliases(cls, data: Any) -> Any:
-        """``CBEC_<NAME>_ADDRESS`` (what the Helm chart sets) works as well as ``CBEC_<NAME>_ADDR``."""
-        if isinstance(data, dict):
-            for name in BACKENDS:
-                alias = os.environ.get(f"CBEC_{name.upper()}_ADDRESS")
-                if alias and not data.get(f"{name}_addr"):
-                    data[f"{name}_addr"] = alias
-        return data
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
@@ -196,32 +163,33 @@ class GatewaySettings(RuntimeSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"file {path} does not exist")
         if self.jwt_secret_file is not None and self.jwt_public_key_file is not None:
-            raise ValueError("set CBEC_JWT_SECRET_FILE or CBEC_JWT_PUBLIC_KEY_FILE, not both")
+            raise ValueError("set CBEC_GATEWAY_JWT_SECRET_FILE or CBEC_GATEWAY_JWT_PUBLIC_KEY_FILE, not both")
         unknown = set(self.backend_timeouts) - set(BACKENDS)
         if unknown:
-            raise ValueError(f"CBEC_BACKEND_TIMEOUTS names unknown backends {sorted(unknown)}")
+            raise ValueError(f"CBEC_GATEWAY_BACKEND_TIMEOUTS names unknown backends {sorted(unknown)}")
         if any(v <= 0 for v in self.backend_timeouts.values()):
-            raise ValueError("CBEC_BACKEND_TIMEOUTS values must be > 0")
+            raise ValueError("CBEC_GATEWAY_BACKEND_TIMEOUTS values must be > 0")
         bad = set(self.required_backends) - set(BACKENDS)
         if bad:
-            raise ValueError(f"CBEC_READY_REQUIRES names unknown backends {sorted(bad)}")
+            raise ValueError(f"CBEC_GATEWAY_READY_REQUIRES names unknown backends {sorted(bad)}")
         if self.api_keys_file is not None:
             read_keys_file(self.api_keys_file)
         if self.api_keys_sha256:
-            parse_keys_document(self.api_keys_sha256, "CBEC_API_KEYS_SHA256")
+            parse_keys_document(self.api_keys_sha256, "CBEC_GATEWAY_API_KEYS_SHA256")
         if self.jwt_secret_file is not None and len(self.jwt_secret_file.read_bytes().strip()) < 32:
-            raise ValueError("CBEC_JWT_SECRET_FILE must hold at least 32 bytes")
+            raise ValueError("CBEC_GATEWAY_JWT_SECRET_FILE must hold at least 32 bytes")
         if self.jwt_public_key_file is not None:
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
             try:
                 load_pem_public_key(self.jwt_public_key_file.read_bytes())
             except ValueError:
-                raise ValueError("CBEC_JWT_PUBLIC_KEY_FILE is not a PEM public key") from None
+                raise ValueError("CBEC_GATEWAY_JWT_PUBLIC_KEY_FILE is not a PEM public key") from None
         if self.env == "prod" and not self.has_production_credentials:
             raise ValueError(
-                "CBEC_ENV=prod needs CBEC_API_KEYS_FILE, CBEC_API_KEYS_SHA256 or a JWT key "
-                "(CBEC_JWT_SECRET_FILE / CBEC_JWT_PUBLIC_KEY_FILE); the development key is refused in prod"
+                "CBEC_GATEWAY_ENV=prod needs CBEC_GATEWAY_API_KEYS_FILE, CBEC_GATEWAY_API_KEYS_SHA256 or a "
+                "JWT key (CBEC_GATEWAY_JWT_SECRET_FILE / CBEC_GATEWAY_JWT_PUBLIC_KEY_FILE); the development "
+                "key is refused in prod"
             )
         return self
 
@@ -231,11 +199,11 @@ class GatewaySettings(RuntimeSettings):
         return bool(self.api_keys_sha256) or any(p is not None for p in files)
 
     def backend_address(self, name: str) -> str | None:
-        """``CBEC_<NAME>_ADDR`` (or ``_ADDRESS``): a field for known backends, else from the environment."""
+        """``CBEC_GATEWAY_<NAME>_ADDR``: a field for the registry's backends, else (a backend the
+        registry does not know yet, such as a new chart block) read from the environment here."""
         if name in BACKENDS:
-            return str(getattr(self, f"{name}_addr"))
-        env = os.environ
-        return env.get(f"CBEC_{name.upper()}_ADDR") or env.get(f"CBEC_{name.upper()}_ADDRESS") or None
+            return self.upstream_address(name)
+        return os.environ.get(f"{SERVICES['gateway'].env_prefix}{name.upper()}_ADDR") or None
 
     def backend_timeout(self, name: str) -> float:
         return self.backend_timeouts.get(name, self.backend_timeout_s)
@@ -266,7 +234,8 @@ def read_keys_file(path: Path) -> list[dict[str, Any]]:
 
 
 def parse_keys_document(text: str, source: str) -> list[dict[str, Any]]:
-    """The entries of a keys document (the keys file's content, or ``CBEC_API_KEYS_SHA256``), checked."""
+    """The entries of a keys document (the keys file's content, or ``CBEC_GATEWAY_API_KEYS_SHA256``),
+    checked."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -3,7 +3,7 @@
 All generated ``cbec.*_pb2`` modules are imported, so their file descriptors sit in the default
 pool; each method's ``google.api.http`` option (and its ``additional_bindings``) becomes a ``Route``.
 A new service or method gets its HTTP route, its OpenAPI entry, its backend and its retry policy
-from its proto alone.
+from its proto alone: a method is retried only when its ``idempotency_level`` says it is safe.
 
 Which backend serves a method: the service's package ``cbec.<backend>.v1``; ``cbec.gateway`` is
 served in-process; services in ``cbec.common`` are served by every model service and routed by the
@@ -30,25 +30,10 @@ LOCAL = "gateway"
 #: Services served by every model service, routed by this request field.
 SHARED_ROUTING_FIELD = {"cbec.common.v1.ModelAdminService": "service"}
 
-# Methods that are safe to retry although their proto does not (yet) declare an idempotency level
-# and their HTTP verb is POST: reads, scoring, and replace-style writes (upsert, remove). Appending
-# writes (RecordInteractions, IngestReviews, ReportOutcome, Converse, model loads) are not here.
-_KNOWN_IDEMPOTENT = frozenset(
-    {
-        "cbec.recommender.v1.RecommenderService/Recommend",
-        "cbec.recommender.v1.RecommenderService/SimilarItems",
-        "cbec.recommender.v1.RecommenderService/UpsertItems",
-        "cbec.sentiment.v1.SentimentService/Analyze",
-        "cbec.sentiment.v1.SentimentService/GetMarketReport",
-        "cbec.vision.v1.VisionService/SearchByImage",
-        "cbec.vision.v1.VisionService/RemoveProducts",
-        "cbec.risk.v1.RiskService/ScoreTransaction",
-        "cbec.risk.v1.RiskService/ScoreTransactions",
-        "cbec.chat.v1.ChatService/UpsertKnowledge",
-        "cbec.chat.v1.ChatService/GenerateProductCopy",
-    }
+#: ``option idempotency_level`` values that make a method safe to retry.
+_SAFE_TO_RETRY = frozenset(
+    {descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT}
 )
-_IDEMPOTENT_VERBS = frozenset({"GET", "PUT", "DELETE"})
 
 
 def import_generated_modules() -> list[str]:
@@ -243,18 +228,9 @@ class MethodInfo:
 
     @cached_property
     def idempotent(self) -> bool:
-        """Safe to retry: declared in the proto, implied by the HTTP verb, or known (see above)."""
-        level = self.method.GetOptions().idempotency_level
-        if level in (
-            descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
-            descriptor_pb2.MethodOptions.IDEMPOTENT,
-        ):
-            return True
-        if self.client_streaming or self.server_streaming:
-            return False
-        if any(rule.WhichOneof("pattern") in ("get", "put", "delete") for rule in self.http_rules):
-            return True
-        return self.key in _KNOWN_IDEMPOTENT
+        """Safe to retry: the proto declares ``idempotency_level`` NO_SIDE_EFFECTS or IDEMPOTENT (a
+        GET or DELETE route without one is a contract error that ``tests/gateway`` catches)."""
+        return self.method.GetOptions().idempotency_level in _SAFE_TO_RETRY
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """A fair share of each backend per caller, so one key cannot starve the others of a backend.
 
-Each backend has a cap of in-flight calls from this gateway (``CBEC_BACKEND_MAX_IN_FLIGHT``), shared
+Each backend has a cap of in-flight calls from this gateway (``CBEC_GATEWAY_BACKEND_MAX_IN_FLIGHT``), shared
 among the principals (API keys, JWT subjects) that have calls in flight to it. While fewer than ``cap``
 calls are in flight anyone may start one: the share only matters when the backend is contended. Once
 it is full, a principal may start a call only while it holds fewer than its share,
-``max(min_share, cap // active principals)`` (``CBEC_BACKEND_MIN_SHARE``); otherwise the call is
+``max(min_share, cap // active principals)`` (``CBEC_GATEWAY_BACKEND_MIN_SHARE``); otherwise the call is
 refused at once with RESOURCE_EXHAUSTED, reason ``FAIR_SHARE_EXCEEDED`` and a RetryInfo.
 
 So a key that took the whole backend while it was alone gets no new call until it is back under its

@@ -9,8 +9,8 @@
     python -m gateway.keys hash KEY
         prints the SHA-256 of an existing key
 
-The keys file (``CBEC_API_KEYS_FILE``, JSON ``{"keys": [entry, ...]}``) belongs in a Kubernetes Secret;
-the gateway re-reads it when it changes.
+The keys file (``CBEC_GATEWAY_API_KEYS_FILE``, JSON ``{"keys": [entry, ...]}``) belongs in a Kubernetes
+Secret; the gateway re-reads it when it changes.
 """
 
 from __future__ import annotations

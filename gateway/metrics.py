@@ -1,8 +1,12 @@
-"""Gateway metrics, registered in the runtime's registry (served with the runtime's on port 9100)."""
+"""Gateway metrics, registered in the runtime's registry (served with the runtime's on port 9100).
+
+Latency histograms carry the trace id of a sampled request as an exemplar (``TracedHistogram``)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from services.runtime.metrics import TracedHistogram
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -16,7 +20,7 @@ class GatewayMetrics:
             ("backend", "grpc_method", "grpc_code"),
             registry=r,
         )
-        self.backend_seconds = Histogram(
+        self.backend_seconds = TracedHistogram(
             "gateway_backend_seconds",
             "Latency of a backend call seen from the gateway (retries included).",
             ("backend",),
@@ -47,7 +51,7 @@ class GatewayMetrics:
             ("route", "status"),
             registry=r,
         )
-        self.http_seconds = Histogram(
+        self.http_seconds = TracedHistogram(
             "gateway_http_seconds",
             "HTTP bridge latency until the response started (whole call for unary).",
             ("route",),

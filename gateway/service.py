@@ -60,6 +60,7 @@ class Gateway:
             self.auth,
             self.metrics,
             self.openapi,
+            tracer=runtime.tracer,  # the HTTP request's span (services/runtime/tracing.py)
         )
 
     @property

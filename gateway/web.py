@@ -1,12 +1,12 @@
 """The web storefront's public files on the HTTP bridge: the page, its modules, the demo catalogue.
 
 - ``GET /`` the page (``gateway/web/index.html``); ``GET /web/<name>`` a file directly in ``gateway/web/``.
-- ``GET /web/config.json``: ``{"env"}``, plus ``"apiKey"`` (the development key) only when ``CBEC_ENV=dev``
-  and the request comes straight from this machine (a loopback peer, no proxy header): the key grants
-  every scope, so a dev gateway reachable from the network must not hand it to any client. Otherwise
-  no key is given out and the page asks its user for one, as in prod.
+- ``GET /web/config.json``: ``{"env"}``, plus ``"apiKey"`` (the development key) only when
+  ``CBEC_GATEWAY_ENV=dev`` and the request comes straight from this machine (a loopback peer, no proxy
+  header): the key grants every scope, so a dev gateway reachable from the network must not hand it to
+  any client. Otherwise no key is given out and the page asks its user for one, as in prod.
 - ``GET /catalogue/products.json`` and ``GET /catalogue/images/<productId>.png`` from
-  ``CBEC_DEMO_CATALOGUE_DIR``; without it they are 404 ``DEMO_CATALOGUE_NOT_CONFIGURED``.
+  ``CBEC_GATEWAY_DEMO_CATALOGUE_DIR``; without it they are 404 ``DEMO_CATALOGUE_NOT_CONFIGURED``.
 
 Like ``/healthz`` they need no credentials and take nothing from any rate limit: they are public
 assets, and the page then calls the API with the same routes, keys and errors as any other client.
@@ -162,7 +162,7 @@ class Storefront:
     def _catalogue(self) -> Path:
         if self.catalogue_dir is None:
             raise _not_found(
-                "no demo catalogue is configured on this gateway (CBEC_DEMO_CATALOGUE_DIR)",
+                "no demo catalogue is configured on this gateway (CBEC_GATEWAY_DEMO_CATALOGUE_DIR)",
                 reason="DEMO_CATALOGUE_NOT_CONFIGURED",
             )
         return self.catalogue_dir

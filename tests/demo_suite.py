@@ -2,8 +2,8 @@
 as a person would: the storefront in a browser, the aggregated routes over every product, the READMEs'
 examples.
 
-It is started by ``make run``'s own launcher (``services.runtime.launcher``: every service and the
-gateway as processes, ``CBEC_ENV=dev`` so the development key works, the demo catalogue loaded
+It is started by ``make run``'s own launcher (``tools.launcher``: every service and the
+gateway as processes, ``CBEC_GATEWAY_ENV=dev`` so the development key works, the demo catalogue loaded
 through the APIs once everything is SERVING) with a small demo catalogue (``demo.catalogue``, the
 first products of the full one) and small real model versions (``tests.deploy.tiny_models``; the
 recommender's trained on that catalogue) instead of the default training, on free ports.
@@ -117,19 +117,20 @@ def start(work: Path, products: int = 24, reviews_per_product: int = 6, users: i
     env.update(
         {
             "CBEC_STATE_DIR": str(work / "state"),
-            "CBEC_HTTP_PORT": str(http_port),
             "CBEC_METRICS_ENABLED": "false",  # the launcher's fixed metrics ports may be taken
             "CBEC_DEVICE": "cpu",
             "OPENBLAS_NUM_THREADS": "1",
-            **{f"CBEC_{name.upper()}_GRPC_PORT": str(port) for name, port in grpc_ports.items()},
         }
     )
     launcher_log = (work / "launcher.log").open("wb")
     command = [
         sys.executable,
         "-m",
-        "services.runtime.launcher",
+        "tools.launcher",
         "--no-prepare",  # the tiny models above instead of the default training
+        "--http-port",
+        str(http_port),
+        *(f"--port={name}={port}" for name, port in grpc_ports.items()),
         "--models-dir",
         str(models),
         "--log-dir",

@@ -2,7 +2,7 @@
 written against ``make run``'s set-up.
 
 The suite is ``make run``'s own launcher on the demo catalogue (``tests/demo_suite.py``: every service
-and the gateway as processes, ``CBEC_ENV=dev`` so the documented development key works), with small
+and the gateway as processes, ``CBEC_GATEWAY_ENV=dev`` so the documented development key works), with small
 real model versions instead of the default training, on free ports. Each
 command is taken from the README's code block and run by bash as it stands; only ``$GW`` points at the
 test's gateway. Every one must get a 2xx.

@@ -4,7 +4,7 @@
 # (CBEC_IMAGE_BUILDER=buildah|podman|docker chooses).
 #
 # usage: deploy/images/build.sh [--registry R] [--tag T] [--cpu-only|--gpu-only] [--push] [--dry-run] [SERVICE...]
-#   SERVICE   gateway recommender chat sentiment vision risk (default: every one whose code exists)
+#   SERVICE   a name of the service registry (default: every one whose code exists)
 #   --registry  image prefix (default $CBEC_REGISTRY or registry.example.com/cbec), as the chart's image.registry
 #   --tag       image tag (default: the project version in pyproject.toml, the chart's appVersion)
 #   --dry-run   print the commands instead of running them
@@ -15,7 +15,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 IMAGES="$ROOT/deploy/images"
-ALL_SERVICES=(gateway recommender chat sentiment vision risk)
+# The services and where their code lives come from the service registry (plain Python, no packages).
+registry() { (cd "$ROOT" && "${PYTHON:-python3}" -m services.runtime.registry "$@"); }
+mapfile -t ALL_SERVICES < <(registry names)
+((${#ALL_SERVICES[@]})) || { echo "build.sh: cannot read the service registry" >&2; exit 2; }
 
 registry="${CBEC_REGISTRY:-registry.example.com/cbec}"
 tag=""
@@ -42,7 +45,7 @@ if [[ -z "$tag" ]]; then
     [[ -n "$tag" ]] || { echo "build.sh: cannot read the version from pyproject.toml; pass --tag" >&2; exit 2; }
 fi
 
-code_dir() { if [[ "$1" == gateway ]]; then echo "$ROOT/gateway"; else echo "$ROOT/services/$1"; fi; }
+code_dir() { echo "$ROOT/$(registry show "$1" | sed -n 's/^code_dir=//p')"; }
 
 explicit=1
 if ((${#services[@]} == 0)); then

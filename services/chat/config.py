@@ -1,4 +1,5 @@
-"""Chat settings (``CBEC_*``): the LLM backend, sessions, limits, the sentiment link.
+"""Chat settings: the runtime's ``CBEC_*`` plus its own ``CBEC_CHAT_*`` (the LLM backend, sessions, limits,
+the sentiment link).
 
 State follows the runtime's settings: the store ``chat`` (``CBEC_STATE_DIR/chat.sqlite3`` embedded, or the
 shared PostgreSQL + Redis of ``CBEC_STATE_BACKEND=shared``).
@@ -27,7 +28,8 @@ class ChatSettings(RuntimeSettings):
     )
     llm_model: str = Field("", description="openai: the model name sent; empty = the first the server lists.")
     llm_api_key: SecretStr = Field(
-        SecretStr(""), description="openai: the bearer key (CBEC_LLM_API_KEY, from a Secret); empty = none."
+        SecretStr(""),
+        description="openai: the bearer key (CBEC_CHAT_LLM_API_KEY, from a Secret); empty = none.",
     )
     llm_timeout_s: float = Field(30.0, gt=0, le=600, description="openai: seconds to wait for each chunk.")
     llm_languages: str = Field("en", description="Comma-separated ISO 639-1 codes the LLM writes well.")
@@ -55,8 +57,7 @@ class ChatSettings(RuntimeSettings):
     max_message_chars: int = Field(4000, ge=16, le=4000)
     max_articles_per_upsert: int = Field(500, ge=1, le=500)
     max_article_chars: int = Field(20_000, ge=100, le=20_000)
-    # Sentiment service for anger detection (degrades to a local heuristic when unreachable); in a
-    # cluster the chart sets CBEC_SENTIMENT_ADDR to the sentiment Service.
-    sentiment_addr: str = Field("127.0.0.1:50053", description="host:port of the sentiment service.")
+    # Sentiment service for anger detection (degrades to a local heuristic when unreachable). Its address,
+    # sentiment_addr (CBEC_CHAT_SENTIMENT_ADDR, set by the chart to the sentiment Service), is declared
+    # from the registry's calls (services/runtime/registry.py).
     sentiment_timeout_s: float = Field(0.3, gt=0, le=30)
-    sentiment_retry_after_s: float = Field(15.0, ge=0, le=3600)

@@ -321,7 +321,7 @@ class OpenAIBackend:
 
         if not url.startswith(("http://", "https://")):
             raise ValueError(
-                f"CBEC_LLM_URL must be an http(s) base URL such as http://host:8000/v1, not {url!r}"
+                f"CBEC_CHAT_LLM_URL must be an http(s) base URL such as http://host:8000/v1, not {url!r}"
             )
         self._client = openai.OpenAI(
             base_url=url,
@@ -426,10 +426,12 @@ def load_backend(
         return LlamaCppBackend(gguf, languages, threads, parallel, context_per_slot, gpu_layers)
     if kind == "hf":
         if not path:
-            raise ValueError("CBEC_LLM_PATH must name a Hugging Face model directory for llm_backend=hf")
+            raise ValueError("CBEC_CHAT_LLM_PATH must name a Hugging Face model directory for llm_backend=hf")
         return TransformersBackend(Path(path), languages, device)
     if kind == "openai":
         if not url:
-            raise ValueError("CBEC_LLM_URL must name an OpenAI-compatible base URL for llm_backend=openai")
+            raise ValueError(
+                "CBEC_CHAT_LLM_URL must name an OpenAI-compatible base URL for llm_backend=openai"
+            )
         return OpenAIBackend(url, languages, model, api_key, timeout_s)
     raise ValueError(f"unknown LLM backend {kind!r}")

@@ -155,9 +155,15 @@ class Copy:
     facts: list[str] = field(default_factory=list)
 
 
-def validate_copy_request(facts: ProductFacts, language: str, market: str) -> list[Violation]:
+def validate_copy_request(
+    facts: ProductFacts,
+    language: str,
+    market: str,
+    price_paths: tuple[str, str] = ("product.price.currency_code", "product.price.amount"),
+) -> list[Violation]:
     """What the contract (chat.proto: name 200, category 100, 50 attributes of at most 200 characters,
-    no control characters; checked by the runtime) does not already say."""
+    no control characters; checked by the runtime) does not already say. ``price_paths``: the fields
+    the price came from (currency, amount): the deprecated ``price`` or ``list_price``."""
     out = []
     if not facts.name.strip():
         out.append(Violation("product.name", "must not be empty"))
@@ -167,9 +173,9 @@ def validate_copy_request(facts: ProductFacts, language: str, market: str) -> li
     if facts.price is not None:
         code, amount = facts.price
         if not _CURRENCY.match(code):
-            out.append(Violation("product.price.currency_code", "must be an ISO 4217 code such as 'EUR'"))
+            out.append(Violation(price_paths[0], "must be an ISO 4217 code such as 'EUR'"))
         if not math.isfinite(amount) or amount < 0:
-            out.append(Violation("product.price.amount", "must be a finite number >= 0"))
+            out.append(Violation(price_paths[1], "must be a finite number >= 0"))
     for name in ("length_cm", "width_cm", "height_cm", "weight_kg"):
         value = getattr(facts, name)
         if not math.isfinite(value) or value < 0 or value > 1e6:

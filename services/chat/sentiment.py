@@ -1,7 +1,8 @@
 # ruff: noqa: RUF001 -- CJK sentence punctuation is intended
 """Is the customer angry? Asks the sentiment service (``cbec.sentiment.v1.SentimentService``) with a
-short deadline and falls back to a small multilingual lexicon when it is unreachable, so a sentiment
-outage slows no conversation: after a failure the service is not asked again for a while.
+short deadline and falls back to a small multilingual lexicon when it fails, so a sentiment outage
+fails no conversation and slows few: after ``CBEC_BREAKER_FAILURE_THRESHOLD`` failures in a row the
+runtime's circuit breaker stops asking it for ``CBEC_BREAKER_OPEN_S``, then lets one trial call through.
 
 A negative message is not an angry one: "I forgot my password and can't log in" is a problem, and the
 sentiment model scores it 0.76 negative. So the service's score hands off only when the wording agrees
@@ -10,21 +11,24 @@ shouting); wording that is angry enough on its own (two such signals) hands off 
 With the wording as the gate, the score's bar is 0.6: on the answer development set every angry
 message scored 0.62-0.91 negative, and calm problems up to 0.62 are kept out by their wording.
 
-The channel is the one every service-to-service call uses (``services/runtime/access.py``): TLS or
-mTLS per ``CBEC_BACKEND_TLS_*``, and the internal token (``CBEC_INTERNAL_TOKEN_FILE``) on every call.
+The channel is the one every service-to-service call uses (``services/runtime/channel.py``): TLS or
+mTLS per ``CBEC_BACKEND_TLS_*``, round robin over the sentiment pods, retries of what the contract
+declares idempotent, the request id and trace context of the conversation; and the internal token
+(``CBEC_INTERNAL_TOKEN_FILE``) on every call.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass
 
 import grpc
 from cbec.sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
 
-from services.runtime.access import caller, client_channel, identity_metadata, read_token
+from services.runtime.access import caller, identity_metadata, read_token
+from services.runtime.breaker import CircuitOpen
+from services.runtime.channel import circuit_breaker, client_channel
 from services.runtime.config import RuntimeSettings
 
 log = logging.getLogger("cbec.chat.sentiment")
@@ -101,61 +105,63 @@ def heuristic_negativity(text: str) -> float:
     return min(score, 1.0)
 
 
+SERVICE = sentiment_pb2.DESCRIPTOR.services_by_name["SentimentService"].full_name
+
+
 class SentimentClient:
     def __init__(
         self,
         address: str,
         timeout_s: float,
-        retry_after_s: float,
         angry_threshold: float = 0.6,
         heuristic_threshold: float = 0.4,
         settings: RuntimeSettings | None = None,
         strong_wording: float = 0.8,
     ) -> None:
-        """``settings``: the service's own, for TLS to sentiment and the internal token."""
+        """``settings``: the service's own, for the channel (TLS, retries), the breaker and the token;
+        None: the runtime's defaults."""
         self.address = address
         self.settings = settings
         token_file = settings.internal_token_file if settings is not None else None
         self._token = read_token(token_file) if token_file is not None else None
         self.timeout_s = timeout_s
-        self.retry_after_s = retry_after_s
         self.angry_threshold = angry_threshold
         self.heuristic_threshold = heuristic_threshold
         self.strong_wording = strong_wording
         self._channel: grpc.aio.Channel | None = None
         self._stub: sentiment_pb2_grpc.SentimentServiceStub | None = None
-        self._down_until = 0.0
+        self.breaker = circuit_breaker("sentiment", settings)
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
 
+    def _stub_now(self) -> sentiment_pb2_grpc.SentimentServiceStub:
+        if self._stub is None:
+            self._channel = client_channel(self.address, self.settings, (SERVICE,))
+            self._stub = sentiment_pb2_grpc.SentimentServiceStub(self._channel)
+        return self._stub
+
     async def mood(self, text: str) -> Mood:
+        """The service's judgement when it answers; the wording alone when it fails or its breaker is open."""
         wording = heuristic_negativity(text)
-        if self.address and time.monotonic() >= self._down_until:
+        if self.address:
+            who = caller()
             try:
-                if self._stub is None:
-                    # round_robin over every sentiment pod (a headless Service resolves to all of them);
-                    # the default pick_first would send every call to one pod.
-                    options = [("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')]
-                    self._channel = (
-                        client_channel(self.address, self.settings, options)
-                        if self.settings is not None
-                        else grpc.aio.insecure_channel(self.address, options=options)
+                async with self.breaker.guard(who.principal):
+                    response = await self._stub_now().Analyze(
+                        sentiment_pb2.AnalyzeRequest(texts=[sentiment_pb2.TextInput(id="m", text=text)]),
+                        timeout=self.timeout_s,
+                        metadata=identity_metadata(self._token, who.user, "chat"),
                     )
-                    self._stub = sentiment_pb2_grpc.SentimentServiceStub(self._channel)
-                response = await self._stub.Analyze(
-                    sentiment_pb2.AnalyzeRequest(texts=[sentiment_pb2.TextInput(id="m", text=text)]),
-                    timeout=self.timeout_s,
-                    metadata=identity_metadata(self._token, caller().user, "chat"),
-                )
                 if response.results:
                     negative = float(response.results[0].probabilities.negative)
                     agree = negative >= self.angry_threshold and wording > 0
                     angry = agree or wording >= self.strong_wording
                     return Mood(angry, negative, "sentiment-service", wording)
+            except CircuitOpen:
+                pass  # failing lately: not asked until the breaker lets a trial call through
             except grpc.aio.AioRpcError as exc:
-                log.info("sentiment service unavailable (%s); using the local heuristic", exc.code().name)
-                self._down_until = time.monotonic() + self.retry_after_s
+                log.info("sentiment service failed (%s); using the local heuristic", exc.code().name)
         return Mood(wording >= self.heuristic_threshold, wording, "heuristic", wording)

@@ -42,7 +42,9 @@ from services.runtime.errors import (
     rejection,
 )
 from services.runtime.model_store import Manifest, ModelSlot
+from services.runtime.money import reconcile
 from services.runtime.server import Runtime
+from services.runtime.validation import item_violations, merged
 
 from .answer import Composer
 from .config import ChatSettings
@@ -136,7 +138,6 @@ class ChatService:
         self.sentiment = SentimentClient(
             settings.sentiment_addr,
             settings.sentiment_timeout_s,
-            settings.sentiment_retry_after_s,
             settings=settings,
         )
         self._llm_pool = ThreadPoolExecutor(max_workers=settings.llm_parallel, thread_name_prefix="llm")
@@ -551,9 +552,7 @@ class ChatService:
     async def upsert_knowledge(
         self, request: chat_pb2.UpsertKnowledgeRequest, context: Any
     ) -> chat_pb2.UpsertKnowledgeResponse:
-        s = self.settings
-        if not request.articles:
-            raise InvalidArgument([Violation("articles", "must contain at least one article")])
+        s = self.settings  # at least one article: the runtime, by the contract (chat.proto)
         if len(request.articles) > s.max_articles_per_upsert:  # the contract's 500, or stricter
             raise InvalidArgument(
                 [
@@ -567,8 +566,12 @@ class ChatService:
         rejected = []
         seen: set[tuple[str, str]] = set()
         for i, a in enumerate(request.articles):
-            violations = validate_article(
-                a.article_id, a.topic, a.language, a.title, a.body, list(a.tags), s.max_article_chars
+            # An article is rejected alone: its REQUIRED fields (chat.proto) first, then the rest.
+            violations = merged(
+                item_violations(a),
+                validate_article(
+                    a.article_id, a.topic, a.language, a.title, a.body, list(a.tags), s.max_article_chars
+                ),
             )
             if (a.article_id, a.language) in seen:
                 violations.append(Violation("article_id", "duplicate (article_id, language) in this request"))
@@ -595,11 +598,22 @@ class ChatService:
         self, request: chat_pb2.GenerateProductCopyRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GenerateProductCopyResponse:
         pr = request.product
+        # The price: list_price, or the deprecated price (until v2); both given must agree.
+        old = pr.price if pr.HasField("price") else None
+        price, disagreements = reconcile(
+            pr.list_price if pr.HasField("list_price") else None,
+            "product.list_price",
+            old.amount if old is not None else 0.0,
+            "product.price.amount",
+            old.currency_code if old is not None else "",
+            "product.price.currency_code",
+            old_present=old is not None,
+        )
         facts = ProductFacts(
             name=pr.name.strip(),
             category=pr.category.strip(),
             attributes=dict(pr.attributes),
-            price=(pr.price.currency_code, pr.price.amount) if pr.HasField("price") else None,
+            price=(price.currency, float(price.value)) if price is not None else None,
             length_cm=pr.length_cm,
             width_cm=pr.width_cm,
             height_cm=pr.height_cm,
@@ -607,7 +621,8 @@ class ChatService:
         )
         language = request.target_language.strip().lower()
         market = request.target_market.strip().upper()
-        raise_if(validate_copy_request(facts, language, market))
+        paths = (price.currency_path, price.value_path) if price is not None else ("", "")
+        raise_if(merged(disagreements, validate_copy_request(facts, language, market, paths)))
         loaded = self.slot.require()
         copy = build_template(facts, language, market)
         generator = chat_pb2.COPY_GENERATOR_TEMPLATE

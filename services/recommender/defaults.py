@@ -18,7 +18,6 @@ empty store once and renamed ``*.imported``. The embeddings cache lives in ``CBE
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -57,17 +56,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--models-dir", type=Path, help="default: the settings' CBEC_MODELS_DIR (models)")
     parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     settings = load_settings(RecommenderSettings, "recommender")
+    models_dir = args.models_dir or settings.models_dir
     events = EventStore.open(StateConfig.from_settings(settings), settings.events_synchronous)
     try:
         imported = events.import_legacy(LEGACY_EVENTS)
         if imported:
             print(f"recommender: imported {imported} events from {LEGACY_EVENTS}")
-        store = ModelStore(args.models_dir, "recommender")
+        store = ModelStore(models_dir, "recommender")
         existing = store.newest_valid()
         t0 = time.perf_counter()
         interactions, items = demo_data(args.demo_dir)

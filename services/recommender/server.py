@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ from services.runtime.errors import (
     rejection,
 )
 from services.runtime.model_store import Manifest, ModelSlot
+from services.runtime.money import reconcile
 from services.runtime.server import Runtime
 from services.runtime.state import StoreUnavailable
+from services.runtime.validation import item_violations
 
 from .bundle import load_bundle
 from .embeddings import Embedder, EmbeddingCache, item_text
@@ -66,14 +69,6 @@ SOURCES = {
 }
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 FUTURE_SLACK_S = 86400.0
-
-
-def _id_violation(value: str, name: str) -> Violation | None:
-    """Lengths (256), item counts and control characters are the contract's (recommender.proto),
-    checked by the runtime before a servicer runs."""
-    if not value or not value.strip():
-        return Violation(name, "must not be empty")
-    return None
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
@@ -105,9 +100,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
 
     # --- RPCs ---
     async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
+        # k (not 0) is REQUIRED; lengths (256), item counts and control characters are limits: the
+        # runtime checked them by the contract (recommender.proto) before this runs. user_id is
+        # required here, not in the contract: the gateway fills it in from bound credentials.
         violations: list[Violation] = []
-        if v := _id_violation(request.user_id, "user_id"):
-            violations.append(v)
+        if not request.user_id.strip():
+            violations.append(Violation("user_id", "must not be empty"))
         self._k(request.k, violations)
         if request.market and not MARKET_RE.match(request.market):
             violations.append(Violation("market", "must be an ISO 3166-1 alpha-2 code such as DE"))
@@ -136,9 +134,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         )
 
     async def SimilarItems(self, request: pb.SimilarItemsRequest, context: Any) -> pb.SimilarItemsResponse:
-        violations: list[Violation] = []
-        if v := _id_violation(request.item_id, "item_id"):
-            violations.append(v)
+        violations: list[Violation] = []  # item_id and k (not 0): the runtime, by the contract
         self._k(request.k, violations)
         if request.market and not MARKET_RE.match(request.market):
             violations.append(Violation("market", "must be an ISO 3166-1 alpha-2 code such as DE"))
@@ -164,10 +160,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     async def RecordInteractions(
         self, request: pb.RecordInteractionsRequest, context: Any
     ) -> pb.RecordInteractionsResponse:
-        n = len(request.interactions)
+        n = len(request.interactions)  # at least one: the runtime, by the contract
         limit = self.svc.settings.max_interactions_per_call
-        if n == 0:
-            raise InvalidArgument([Violation("interactions", "must not be empty")])
         if n > limit:  # the contract's 1,000, or a stricter setting
             raise InvalidArgument([Violation("interactions", f"must hold at most {limit} items (got {n})")])
         engine, _ = self._engine()
@@ -201,14 +195,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
 
     @staticmethod
     def _check_interaction(it: pb.Interaction, engine: Engine, now: float) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        for name in ("user_id", "item_id"):
-            if v := _id_violation(getattr(it, name), name):
-                problems.append((v.field, v.description))
-        if it.item_id and not problems and engine.col_of(it.item_id) < 0:
+        # An event is rejected alone: its REQUIRED fields (item_id, type) are checked here, by the
+        # contract's rules; an undefined type number was refused by the runtime. user_id is required
+        # here, not in the contract: the gateway fills it in from bound credentials.
+        problems = [(v.field, v.description) for v in item_violations(it)]
+        if not it.user_id.strip():
+            problems.insert(0, ("user_id", "must not be empty"))
+        ids_given = not {f for f, _ in problems} & {"user_id", "item_id"}
+        if ids_given and engine.col_of(it.item_id) < 0:
             problems.append(("item_id", "unknown item; add it with UpsertItems first"))
-        if it.type not in (1, 2, 3, 4):
-            problems.append(("type", "must be VIEW, CART, PURCHASE or RATING"))
         if math.isnan(it.rating) or math.isinf(it.rating):
             problems.append(("rating", "must be a finite number"))
         elif it.rating < 0:
@@ -229,26 +224,24 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         return problems
 
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Any) -> pb.UpsertItemsResponse:
-        n = len(request.items)
+        n = len(request.items)  # at least one: the runtime, by the contract
         limit = self.svc.settings.max_items_per_call
-        if n == 0:
-            raise InvalidArgument([Violation("items", "must not be empty")])
         if n > limit:  # the contract's 256, or a stricter setting
             raise InvalidArgument([Violation("items", f"must hold at most {limit} items (got {n})")])
         self._engine()  # FAILED_PRECONDITION until a model serves
         rejected: list[common_pb2.ItemRejection] = []
-        good: list[pb.Item] = []
+        good: list[tuple[pb.Item, tuple[Decimal, str] | None]] = []
         for i, item in enumerate(request.items):
-            problems = self._check_item(item)
+            problems, price = self._check_item(item)
             if problems:
                 rejected.append(rejection(i, [Violation(f"items[{i}].{f}", d) for f, d in problems]))
             else:
-                good.append(item)
+                good.append((item, price))
         if good:
-            texts = [item_text(it.title, it.description, it.category) for it in good]
+            texts = [item_text(it.title, it.description, it.category) for it, _ in good]
             vectors = await asyncio.to_thread(self.svc.embedder.embed, texts)
             rows = []
-            for it, vec in zip(good, vectors, strict=True):
+            for (it, price), vec in zip(good, vectors, strict=True):
                 body = {
                     "title": it.title,
                     "description": it.description,
@@ -257,18 +250,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
                     "language": it.language,
                     "attributes": dict(it.attributes),
                 }
-                if it.HasField("price"):
-                    body["price"] = {"currency_code": it.price.currency_code, "amount": it.price.amount}
+                if price is not None:  # exact as a decimal string; "amount" as before, for old readers
+                    body["price"] = {
+                        "currency_code": price[1],
+                        "amount": float(price[0]),
+                        "value": f"{price[0].normalize():f}",
+                    }
                 rows.append((it.item_id, body, vec))
             await asyncio.to_thread(self.svc.store.upsert_items, rows)
             await self.svc.feed.catch_up_async()
         return pb.UpsertItemsResponse(upserted_count=len(good), rejected=rejected)
 
     @staticmethod
-    def _check_item(item: pb.Item) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if v := _id_violation(item.item_id, "item_id"):
-            problems.append((v.field, v.description))
+    def _check_item(item: pb.Item) -> tuple[list[tuple[str, str]], tuple[Decimal, str] | None]:
+        """The item's problems (rejected alone), and its price (amount, currency) when it has one:
+        ``list_price``, or the deprecated ``price`` (until v2); both given must agree."""
+        # REQUIRED fields (item_id, price.currency_code when price is set), by the contract's rules
+        problems = [(v.field, v.description) for v in item_violations(item)]
         if not item.title.strip() and not item.description.strip():
             problems.append(
                 ("title", "an item needs a title or a description (the content model reads them)")
@@ -276,16 +274,32 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         for j, m in enumerate(item.markets):
             if not MARKET_RE.match(m):
                 problems.append((f"markets[{j}]", "must be an ISO 3166-1 alpha-2 code such as DE"))
-        if item.HasField("price"):
-            if not CURRENCY_RE.match(item.price.currency_code):
+        old = item.price if item.HasField("price") else None
+        if old is not None:
+            if old.currency_code and not CURRENCY_RE.match(old.currency_code):
                 problems.append(("price.currency_code", "must be an ISO 4217 code such as EUR"))
-            if not math.isfinite(item.price.amount) or item.price.amount < 0:
+            if not math.isfinite(old.amount) or old.amount < 0:
                 problems.append(("price.amount", "must be a finite, non-negative amount"))
-        return problems
+        new = item.list_price if item.HasField("list_price") else None  # its form: the runtime
+        price, disagreements = reconcile(
+            new,
+            "list_price",
+            old.amount if old is not None else 0.0,
+            "price.amount",
+            old.currency_code if old is not None else "",
+            "price.currency_code",
+            old_present=old is not None,
+        )
+        named = {f for f, _ in problems}
+        problems += [(v.field, v.description) for v in disagreements if v.field not in named]
+        if new is not None and price is not None and price.value < 0:
+            problems.append(("list_price", "must not be negative"))
+        if problems or price is None:
+            return problems, None
+        return problems, (price.value, price.currency)
 
     async def ForgetUser(self, request: pb.ForgetUserRequest, context: Any) -> pb.ForgetUserResponse:
-        if v := _id_violation(request.user_id, "user_id"):
-            raise InvalidArgument([v])
+        # user_id: REQUIRED, checked by the runtime (recommender.proto)
         deleted = await asyncio.to_thread(self.svc.store.forget, request.user_id)
         await self.svc.feed.catch_up_async()  # drops the user's live state, as on every replica
         log.info("user erased", extra={"events_deleted": deleted})

@@ -1,4 +1,5 @@
-"""Recommender settings: the runtime's ``CBEC_*`` settings plus the service's own.
+"""Recommender settings: the runtime's ``CBEC_*`` settings plus the service's own ``CBEC_RECOMMENDER_*``
+(``max_k`` is ``CBEC_RECOMMENDER_MAX_K``).
 
 State lives where the runtime says (``CBEC_STATE_BACKEND``): the event store is the embedded SQLite
 file ``<CBEC_STATE_DIR>/recommender.sqlite3`` or the shared PostgreSQL. Nothing is written under the
@@ -16,6 +17,7 @@ from services.runtime.config import RuntimeSettings
 
 
 class RecommenderSettings(RuntimeSettings):
+    service: str = "recommender"
     events_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",
         description="Embedded store: FULL is durable against power loss; NORMAL against a killed process.",

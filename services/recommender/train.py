@@ -28,14 +28,13 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +52,9 @@ from .index import VectorIndex
 from .metrics import Evaluation, evaluate
 from .models import FitContext, Hybrid, Popularity, Recommender, VectorModel, build
 from .split import Split, kfold, leave_last_out, random_holdout
+
+if TYPE_CHECKING:
+    from .settings import RecommenderSettings
 
 log = logging.getLogger("cbec.recommender.train")
 BASE_MODELS = ("popularity", "als", "bpr", "ease", "session_ease", "torch_mf", "content")
@@ -100,14 +102,20 @@ class Prepared:
 STORE = "store"  # --interactions/--events value: the event store the CBEC_* settings name
 
 
-def configured_store() -> EventStore:
-    """The event store the server uses, opened from the same ``CBEC_*`` settings."""
+def configured_settings() -> RecommenderSettings:
+    """The service's settings (``CBEC_*`` and ``CBEC_RECOMMENDER_*``), read as the server reads them."""
     from services.runtime.config import load_settings
-    from services.runtime.state import StateConfig
 
     from .settings import RecommenderSettings
 
-    settings = load_settings(RecommenderSettings, "recommender")
+    return load_settings(RecommenderSettings, "recommender")
+
+
+def configured_store() -> EventStore:
+    """The event store the server uses, opened from the same ``CBEC_*`` settings."""
+    from services.runtime.state import StateConfig
+
+    settings = configured_settings()
     return EventStore.open(StateConfig.from_settings(settings), settings.events_synchronous)
 
 
@@ -843,11 +851,7 @@ def _parse_params(values: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def _cache_path() -> Path:
     """Where the server keeps its embeddings cache (never the code directory)."""
-    from services.runtime.config import load_settings
-
-    from .settings import RecommenderSettings
-
-    cache = load_settings(RecommenderSettings, "recommender").embeddings_cache
+    cache = configured_settings().embeddings_cache
     assert cache is not None
     return cache
 
@@ -906,14 +910,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--validation-folds", type=int, default=2, help="validation splits averaged in tuning"
     )
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--models-dir", type=Path, help="default: the settings' CBEC_MODELS_DIR (models)")
     parser.add_argument("--out", type=Path, default=Path("var/recommender/eval"))
     parser.add_argument(
         "--embeddings-cache",
         type=Path,
-        help="local cache of item text embeddings (default: CBEC_EMBEDDINGS_CACHE, or in CBEC_STATE_DIR)",
+        help="local cache of item text embeddings (default: CBEC_RECOMMENDER_EMBEDDINGS_CACHE, or in "
+        "CBEC_STATE_DIR)",
     )
-    parser.add_argument("--device", default=os.environ.get("CBEC_DEVICE", "auto"))
+    parser.add_argument("--device", help="auto | cpu | cuda[:N]; default: the settings' CBEC_DEVICE (auto)")
     return parser
 
 
@@ -950,6 +955,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     models, params, ks = _check_arguments(parser, args)
+    if args.models_dir is None or args.device is None:
+        settings = configured_settings()
+        args.models_dir = args.models_dir or settings.models_dir
+        args.device = args.device or settings.device
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _main(args, models, params, ks)

@@ -6,7 +6,6 @@ Where state lives is the runtime's business (``CBEC_STATE_BACKEND``, ``CBEC_STAT
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -53,18 +52,25 @@ class RiskSettings(RuntimeSettings):
     risk_decline_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the model's.")
     risk_anomaly_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the model's.")
     risk_predict_threads: int = Field(1, ge=1, le=64, description="LightGBM threads per predict call.")
+    risk_modeldata_dir: Path | None = Field(
+        None,
+        description="Folder of R modeldata's Rdata.rdb (the credit-risk sets of services.risk.credit); "
+        "default: the copy `make setup` unpacks into data/deb, or the installed R library.",
+    )
+    risk_state_path: str = Field(
+        "", exclude=True, description="Removed: set, the service refuses to start (see _no_state_path)."
+    )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_state_path(cls, data: object) -> object:
+    @model_validator(mode="after")
+    def _no_state_path(self) -> RiskSettings:
         # Removed, not ignored: a deployment that still sets it would silently start on empty state.
-        if os.environ.get("CBEC_RISK_STATE_PATH") or (isinstance(data, dict) and "risk_state_path" in data):
+        if self.risk_state_path:
             raise ValueError(
                 "CBEC_RISK_STATE_PATH was removed: state lives in CBEC_STATE_DIR (risk.sqlite3) or, with "
                 "CBEC_STATE_BACKEND=shared, in PostgreSQL and Redis; a file left at "
                 "<CBEC_STATE_DIR>/risk/state.sqlite3 is imported at start"
             )
-        return data
+        return self
 
     @model_validator(mode="after")
     def _retention_covers_windows(self) -> RiskSettings:

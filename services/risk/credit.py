@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import lzma
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -44,10 +43,17 @@ class CreditDataUnavailable(RuntimeError):
     """The Debian package's files or the ``rdata`` reader are missing; the message says how to get them."""
 
 
-def modeldata_dir() -> Path:
-    """Where ``Rdata.rdb`` lies: ``CBEC_RISK_MODELDATA_DIR``, ``data/risk/modeldata`` or the R library."""
+def modeldata_dir(configured: Path | None = None) -> Path:
+    """Where ``Rdata.rdb`` lies: ``configured``, else the risk settings' ``risk_modeldata_dir``
+    (``CBEC_RISK_MODELDATA_DIR``), the copy ``make setup`` unpacks into data/deb, or the R library."""
+    if configured is None:
+        from services.runtime.config import load_settings
+
+        from .config import RiskSettings
+
+        configured = load_settings(RiskSettings, "risk").risk_modeldata_dir
     candidates = [
-        Path(os.environ["CBEC_RISK_MODELDATA_DIR"]) if os.environ.get("CBEC_RISK_MODELDATA_DIR") else None,
+        configured,
         ROOT / "data" / "deb" / RDATA_SUBDIR,
         Path("/") / RDATA_SUBDIR,
     ]

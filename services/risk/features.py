@@ -35,6 +35,9 @@ import numpy as np
 if TYPE_CHECKING:
     from cbec.risk.v1 import risk_pb2
 
+    from services.runtime.errors import Violation
+    from services.runtime.money import Amount
+
     from .state import History, StateStore
 
 HERE = Path(__file__).resolve().parent
@@ -168,14 +171,24 @@ def timestamp_ms(ts: Any) -> int:
     return int(ts.seconds) * 1000 + int(ts.nanos) // 1_000_000
 
 
+def transaction_amount(t: risk_pb2.Transaction, prefix: str = "") -> tuple[Amount | None, list[Violation]]:
+    """The transaction's amount: ``total``, or the deprecated ``amount`` and ``currency`` (accepted
+    until v2); with violations where both are given and disagree (``services/runtime/money.py``)."""
+    from services.runtime.money import reconcile  # the serving path's; training never imports it
+
+    total = t.total if t.HasField("total") else None
+    return reconcile(total, f"{prefix}total", t.amount, f"{prefix}amount", t.currency, f"{prefix}currency")
+
+
 def tx_from_proto(t: risk_pb2.Transaction) -> Tx:
     """The serving path's conversion (validation happens before, in the servicer)."""
+    amount, _ = transaction_amount(t)
     return Tx(
         transaction_id=t.transaction_id,
         user_id=t.user_id,
         card=t.card_fingerprint,
-        amount=float(t.amount),
-        currency=t.currency.strip().upper(),
+        amount=float(amount.value) if amount is not None else 0.0,
+        currency=amount.currency.upper() if amount is not None else "",
         occurred_ms=timestamp_ms(t.occurred_time),
         device=t.device_id,
         ip_country=t.ip_country.strip().upper(),
@@ -191,8 +204,11 @@ def tx_from_proto(t: risk_pb2.Transaction) -> Tx:
 
 
 def tx_to_proto(tx: Tx) -> risk_pb2.Transaction:
-    """The inverse of ``tx_from_proto`` (replaying data sets through the API: benchmarks, tests)."""
+    """The inverse of ``tx_from_proto`` (replaying data sets through the API: benchmarks, tests). The
+    amount goes in ``total``, rounded to the nano (data sets hold cents)."""
     from cbec.risk.v1 import risk_pb2
+
+    from services.runtime.money import to_money
 
     t = risk_pb2.Transaction(
         transaction_id=tx.transaction_id,
@@ -202,8 +218,7 @@ def tx_to_proto(tx: Tx) -> risk_pb2.Transaction:
         ip_country=tx.ip_country,
         billing_country=tx.billing_country,
         shipping_country=tx.shipping_country,
-        amount=tx.amount,
-        currency=tx.currency,
+        total=to_money(tx.amount, tx.currency),
         buyer_timezone=tx.timezone,
         payment_method=tx.payment_method,
         merchant_category=tx.merchant_category,

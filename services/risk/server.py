@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.runtime.admin import model_info
 from services.runtime.errors import InvalidArgument, Violation, quote, raise_if
 from services.runtime.model_store import Loaded, Manifest, ModelSlot
+from services.runtime.money import to_money
 from services.runtime.server import Runtime
 
 from .config import RiskSettings
@@ -37,6 +37,7 @@ from .features import (
     Tx,
     countries,
     timestamp_ms,
+    transaction_amount,
     tx_from_proto,
     valid_timezone,
 )
@@ -55,37 +56,46 @@ OLDEST_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake, not
 def validate_transaction(
     t: risk_pb2.Transaction, prefix: str, rates: RatesTable, now_s: float, max_future_s: float
 ) -> list[Violation]:
-    """Every problem with one transaction, as field violations (paths start with ``prefix``). Lengths,
-    control characters and the timestamps' range are the contract's (``risk.proto``), checked by the
-    runtime before this runs."""
+    """Every problem with one transaction, as field violations (paths start with ``prefix``). The
+    REQUIRED fields (transaction_id, card_fingerprint, occurred_time), lengths, control characters,
+    the timestamps' range and the form of ``total`` are the contract's (``risk.proto``), checked by
+    the runtime before this runs. ``user_id`` is required here, not in the contract: through the
+    gateway, credentials bound to a user fill it in."""
     out: list[Violation] = []
 
     def bad(name: str, description: str) -> None:
         out.append(Violation(prefix + name, description))
 
-    for name in ("transaction_id", "user_id", "card_fingerprint"):
-        if not getattr(t, name).strip():
-            bad(name, "is required")
-    if math.isnan(t.amount):
-        bad("amount", "must be a number, not NaN")
-    elif math.isinf(t.amount) or t.amount > MAX_AMOUNT:
-        bad("amount", f"must be at most {MAX_AMOUNT:g}")
-    elif t.amount <= 0:
-        bad("amount", "must be greater than 0")
-    currency = t.currency.strip().upper()
-    if not currency:
-        bad("currency", "is required (ISO 4217 code)")
-    elif currency not in rates:
-        bad("currency", f"unknown currency {quote(t.currency)}: not in rates table {rates.version}")
+    if not t.user_id.strip():
+        bad("user_id", "is required")
+    amount, disagreements = transaction_amount(t, prefix)
+    out.extend(disagreements)
+    if amount is None:
+        bad("total", "is required (or, until v2, the deprecated amount and currency)")
+    else:
+        value = amount.value
+        if value.is_nan():
+            out.append(Violation(amount.value_path, "must be a number, not NaN"))
+        elif not value.is_finite() or value > MAX_AMOUNT:
+            out.append(Violation(amount.value_path, f"must be at most {MAX_AMOUNT:g}"))
+        elif value <= 0:
+            out.append(Violation(amount.value_path, "must be greater than 0"))
+        if not amount.currency:
+            out.append(Violation(amount.currency_path, "is required (ISO 4217 code)"))
+        elif amount.currency.upper() not in rates:
+            out.append(
+                Violation(
+                    amount.currency_path,
+                    f"unknown currency {quote(amount.currency)}: not in rates table {rates.version}",
+                )
+            )
     table = countries()
     for name in ("ip_country", "billing_country", "shipping_country"):
         code = getattr(t, name).strip().upper()
         if code and code not in table:
             bad(name, f"unknown country code {quote(getattr(t, name))} (ISO 3166-1 alpha-2 expected)")
     occurred_ms: int | None = None
-    if not t.HasField("occurred_time"):
-        bad("occurred_time", "is required")
-    else:
+    if t.HasField("occurred_time"):  # required: the runtime, by the contract
         occurred_ms = timestamp_ms(t.occurred_time)
         if occurred_ms > (now_s + max_future_s) * 1000:
             bad("occurred_time", f"is in the future (more than {max_future_s:g} s ahead of the server clock)")
@@ -305,6 +315,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                     reference_currency=reference,
                     rates_version=rates_version,
                     model=info,
+                    reference_total=to_money(float(amounts[i]), reference),
                 )
             )
         self.metrics.observe(scores.probability.tolist(), decisions.tolist())
@@ -333,8 +344,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def ScoreTransaction(
         self, request: risk_pb2.ScoreTransactionRequest, context: grpc.aio.ServicerContext
     ) -> risk_pb2.ScoreTransactionResponse:
-        if not request.HasField("transaction"):
-            raise InvalidArgument([Violation("transaction", "is required")])
+        # ``transaction`` and its required fields: the runtime, by the contract (risk.proto)
         self.slot.require()
         (tx,) = self._checked([request.transaction], "transaction.")
         assessment = await self.batcher.submit(tx, context.time_remaining())
@@ -349,9 +359,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             raise InvalidArgument(
                 [Violation("transactions", f"must hold at most {limit} items (got {n}): split the call")]
             )
-        if n == 0:
-            raise InvalidArgument([Violation("transactions", "must not be empty")])
-        self.slot.require()
+        self.slot.require()  # at least one transaction: the runtime, by the contract
 
         def run() -> list[risk_pb2.RiskAssessment]:
             return self.assess(self._checked(request.transactions, "transactions[{i}]."))
@@ -362,14 +370,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def ReportOutcome(
         self, request: risk_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> risk_pb2.ReportOutcomeResponse:
-        violations = []  # lengths and reported_time's range (2000..2100): the runtime, by the contract
-        if not request.transaction_id.strip():
-            violations.append(Violation("transaction_id", "is required"))
-        if (
-            request.outcome not in risk_pb2.Outcome.values()
-            or request.outcome == risk_pb2.OUTCOME_UNSPECIFIED
-        ):
-            violations.append(Violation("outcome", "must be LEGITIMATE, CHARGEBACK or CONFIRMED_FRAUD"))
+        # transaction_id and outcome (a defined one, not UNSPECIFIED), lengths and reported_time's
+        # range (2000..2100): the runtime, by the contract
+        violations = []
         now_ms = int(time.time() * 1000)
         reported_ms = now_ms
         if request.HasField("reported_time"):

@@ -6,12 +6,18 @@ the next batch fills. A full queue refuses at once (RESOURCE_EXHAUSTED); a reque
 passes while queued is dropped before compute (DEADLINE_EXCEEDED); a cancelled caller's item is
 skipped. If a batch raises, its items are re-run one by one so one bad item fails only its own
 request. A batch function may also return an Exception in an item's place to fail just that item.
+
+A sampled request (``tracing.py``) gets two child spans: ``queue <name>`` from its arrival to the start
+of its batch, and ``model <name>`` for its batch's model call (``batch.size`` items; the batch function
+runs under the first such span, so store round-trips inside it are traced too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +26,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, Tracer
 
+from . import tracing
 from .errors import DeadlineExceeded, ResourceExhausted
 from .metrics import RuntimeMetrics
 
@@ -35,6 +44,8 @@ class _Pending(Generic[In, Out]):
     future: asyncio.Future[Out]
     enqueued: float
     deadline: float | None = None
+    #: (the request's span, the service's tracer, arrival in ns since the epoch) when it is sampled.
+    trace: tuple[Span, Tracer, int] | None = None
 
 
 @dataclass
@@ -85,8 +96,10 @@ class MicroBatcher(Generic[In, Out]):
 
     def start(self) -> None:
         if self._loop_task is None:
+            # A context of its own: started by a first request, it must not keep that request's id and
+            # span for every batch after it.
             self._loop_task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"batcher-{self.config.name}"
+                self._run(), name=f"batcher-{self.config.name}", context=contextvars.Context()
             )
 
     async def close(self) -> None:
@@ -113,6 +126,9 @@ class MicroBatcher(Generic[In, Out]):
         now = time.monotonic()
         deadline = None if time_remaining is None else now + time_remaining
         pending = _Pending(item, loop.create_future(), now, deadline)
+        sampled = tracing.recording()
+        if sampled is not None:
+            pending.trace = (*sampled, time.time_ns())
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -175,17 +191,22 @@ class MicroBatcher(Generic[In, Out]):
     async def _compute(self, batch: list[_Pending[In, Out]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        spans: list[tuple[Span, Tracer]] = []
         try:
             batch = self._live(batch)
             if not batch:
                 return
+            spans = self._start_spans(batch)
             if self._m:
                 self._m[1].observe(len(batch))
                 for pending in batch:
-                    self._m[3].observe(started - pending.enqueued)
+                    self._m[3].observe(started - pending.enqueued, _exemplar(pending.trace))
             items = [p.item for p in batch]
+            call: Callable[[list[In]], Sequence[Out | BaseException]] = self._call
+            if spans:  # the model call runs under the first sampled request's span
+                call = functools.partial(tracing.run_in_span, *spans[0], self._call)
             try:
-                results = await loop.run_in_executor(self._executor, self._call, items)
+                results = await loop.run_in_executor(self._executor, call, items)
             except Exception as exc:
                 if len(batch) == 1 or getattr(exc, "code", None) is grpc.StatusCode.UNAVAILABLE:
                     # One item, or a store that is down for all of them: isolating would only repeat it.
@@ -196,7 +217,8 @@ class MicroBatcher(Generic[In, Out]):
                         await loop.run_in_executor(self._executor, self._call_one, p.item) for p in batch
                     ]
             if self._m:
-                self._m[2].observe(time.monotonic() - started)
+                first = next((p.trace for p in batch if p.trace is not None), None)
+                self._m[2].observe(time.monotonic() - started, _exemplar(first))
             for pending, result in zip(batch, results, strict=True):
                 if pending.future.done():
                     continue
@@ -205,7 +227,26 @@ class MicroBatcher(Generic[In, Out]):
                 else:
                     pending.future.set_result(result)
         finally:
+            for span, _ in spans:
+                span.end()
             self._slots.release()
+
+    def _start_spans(self, batch: list[_Pending[In, Out]]) -> list[tuple[Span, Tracer]]:
+        """For each sampled item: its queue span, ended now that its batch starts, and its model span."""
+        traced = [p.trace for p in batch if p.trace is not None]
+        if not traced:
+            return []
+        now_ns = time.time_ns()
+        name = self.config.name
+        size = {"batch.size": len(batch)}
+        spans = []
+        for parent, tracer, arrived_ns in traced:
+            ctx = trace.set_span_in_context(parent)
+            tracer.start_span(f"queue {name}", ctx, start_time=arrived_ns).end(now_ns)
+            spans.append(
+                (tracer.start_span(f"model {name}", ctx, attributes=size, start_time=now_ns), tracer)
+            )
+        return spans
 
     def _call(self, items: list[In]) -> Sequence[Out | BaseException]:
         results = self._fn(items)
@@ -218,3 +259,11 @@ class MicroBatcher(Generic[In, Out]):
             return self._call([item])[0]
         except Exception as exc:
             return exc
+
+
+def _exemplar(traced: tuple[Span, Tracer, int] | None) -> dict[str, str] | None:
+    """The exemplar linking a queue or model observation to a sampled request's trace."""
+    if traced is None:
+        return None
+    ctx = traced[0].get_span_context()
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}

@@ -1,6 +1,12 @@
 """Typed configuration read from the environment (prefix ``CBEC_``) and validated at start.
 
 A bad value stops start-up with a message naming the environment variable, not a traceback.
+
+Names: a field of ``RuntimeSettings`` is ``CBEC_<FIELD>`` in every service; a field a service's subclass
+declares is ``CBEC_<SERVICE>_<FIELD>`` (``services/runtime/registry.py``). pydantic-settings has one
+``env_prefix`` per class, so the service prefix is given to each own field as its validation alias here
+(a few lines in ``RuntimeSettings``), and field names passed as arguments are mapped to those aliases
+rather than enabling ``validate_by_name``, with which pydantic-settings would also read ``CBEC_<FIELD>``.
 """
 
 from __future__ import annotations
@@ -8,22 +14,15 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_PREFIX = "CBEC_"
+from .registry import ENV_PREFIX, SERVICES, calls
 
-# gRPC and metrics ports per service; the environment overrides them.
-DEFAULT_PORTS: dict[str, tuple[int, int]] = {
-    "gateway": (50050, 9100),
-    "recommender": (50051, 9101),
-    "chat": (50052, 9102),
-    "sentiment": (50053, 9103),
-    "vision": (50054, 9104),
-    "risk": (50055, 9105),
-}
+# gRPC and metrics ports per service (services/runtime/registry.py); the environment overrides them.
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {s.name: (s.grpc_port, s.metrics_port) for s in SERVICES.values()}
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -94,6 +93,30 @@ class RuntimeSettings(BaseSettings):
     backend_tls_cert_file: Path | None = Field(None, description="Client cert for mTLS to the services.")
     backend_tls_key_file: Path | None = None
     backend_tls_server_name: str = Field("", description="Override the TLS name checked on backends.")
+    # Every client channel to another service (services/runtime/channel.py, services/runtime/breaker.py).
+    reconnect_max_backoff_s: float = Field(2.0, gt=0, le=120)
+    retry_max_attempts: int = Field(3, ge=1, le=5, description="gRPC retryPolicy.maxAttempts (1 = off).")
+    retry_initial_backoff_s: float = Field(0.05, gt=0, le=10)
+    retry_max_backoff_s: float = Field(0.5, gt=0, le=60)
+    retry_throttle_max_tokens: int = Field(10, ge=1, le=1000, description="gRPC retryThrottling.")
+    retry_throttle_token_ratio: float = Field(0.1, gt=0, le=1)
+    breaker_failure_threshold: int = Field(5, ge=1, le=10_000, description="Consecutive failures.")
+    breaker_open_s: float = Field(5.0, gt=0, le=3600, description="Open time before one trial call.")
+    breaker_min_principals: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="Distinct principals whose INTERNAL/UNKNOWN/DATA_LOSS errors it takes to open a "
+        "breaker (1: any caller's errors open it).",
+    )
+    # Tracing (services/runtime/tracing.py): off unless an OTLP endpoint or a file is set.
+    trace_otlp_endpoint: str = Field(
+        "", description="OTLP/gRPC collector: http://host:4317 (plaintext) or https://host:4317 (TLS)."
+    )
+    trace_file: Path | None = Field(None, description="Append spans to this file as OTLP JSON lines.")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces recorded (a caller's traceparent decides its own)."
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> RuntimeSettings:
@@ -131,6 +154,14 @@ class RuntimeSettings(BaseSettings):
             raise ValueError("CBEC_STATE_DIR must not be inside CBEC_MODELS_DIR (mounted read-only)")
         return self
 
+    @field_validator("trace_otlp_endpoint")
+    @classmethod
+    def _trace_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.match(r"^https?://[^/\s]+(:\d+)?/?$", value):
+            raise ValueError("must be http://host:port or https://host:port (an OTLP/gRPC collector)")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -153,6 +184,75 @@ class RuntimeSettings(BaseSettings):
     def service_models_dir(self) -> Path:
         return self.models_dir / self.service
 
+    # --- per-service prefixes (services/runtime/registry.py) -------------------------------------------
+    # A field declared here is CBEC_<FIELD> in every service, with one meaning. A field a service's
+    # subclass declares is CBEC_<SERVICE>_<FIELD> (a field already named <service>_... keeps that name):
+    # its env name becomes the field's validation alias, so no two services share a variable.
+    #: field name -> environment variable, for the fields of this class that have a service prefix.
+    prefixed_env: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Declare a ``<upstream>_addr`` field for each service the registry says this one calls
+        (``CBEC_<SERVICE>_<UPSTREAM>_ADDR``, default the upstream's port on loopback, as ``make run``
+        starts it), unless the class declares it itself."""
+        super().__init_subclass__(**kwargs)
+        service = cls.__dict__.get("service")
+        if not isinstance(service, str):
+            return
+        # The class's own dict (not a copy): pydantic collects the fields from it after this hook.
+        annotations = cls.__dict__.get("__annotations__")  # noqa: RUF063
+        if annotations is None:
+            annotations = {}
+            cls.__annotations__ = annotations
+        for upstream in calls(service):
+            name = f"{upstream}_addr"
+            if name not in annotations:
+                annotations[name] = str
+                setattr(
+                    cls,
+                    name,
+                    Field(
+                        f"127.0.0.1:{SERVICES[upstream].grpc_port}",
+                        description=f"gRPC target of the {upstream} service (host:port, dns:///name:port).",
+                    ),
+                )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        service = cls.model_fields["service"].default
+        prefixed = dict(cls.prefixed_env)
+        for name, info in cls.model_fields.items():
+            if name in RuntimeSettings.model_fields or name in prefixed:
+                continue
+            if not isinstance(service, str) or not service:
+                raise TypeError(f"{cls.__name__} declares {name} but no `service` default to prefix it with")
+            if info.validation_alias is not None or info.alias is not None:
+                raise TypeError(
+                    f"{cls.__name__}.{name}: the service prefix names the variable; drop the alias"
+                )
+            own = f"{service.lower()}_"
+            prefixed[name] = f"{ENV_PREFIX}{own.upper()}{name.removeprefix(own).upper()}"
+            info.validation_alias = prefixed[name]
+        if prefixed != cls.prefixed_env:
+            cls.prefixed_env = prefixed
+            cls.model_rebuild(force=True)
+
+    def __init__(self, **values: Any) -> None:
+        # Code and tests pass field names; the model validates prefixed fields by their variable's name
+        # (not by field name too: pydantic-settings would then also read CBEC_<FIELD> for them).
+        names = type(self).prefixed_env
+        super().__init__(**{names.get(k, k): v for k, v in values.items()})
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Every field and the environment variable it is read from."""
+        return {name: cls.prefixed_env.get(name) or env_var_name(name) for name in cls.model_fields}
+
+    def upstream_address(self, name: str) -> str:
+        """Where this service calls ``name`` (a service it calls in the registry)."""
+        return str(getattr(self, f"{name}_addr"))
+
 
 class ConfigError(SystemExit):
     """Raised (and exits with status 2) when the environment holds an invalid value."""
@@ -174,7 +274,9 @@ def describe_validation_error(exc: ValidationError) -> str:
             continue
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f"={value!r}"
-        lines.append(f"  {env_var_name(field)}{shown}: {err['msg']}")
+        # A service's own field is validated under its variable's name (CBEC_<SERVICE>_<FIELD>).
+        name = field if field.startswith(ENV_PREFIX) else env_var_name(field)
+        lines.append(f"  {name}{shown}: {err['msg']}")
     return "\n".join(lines)
 
 

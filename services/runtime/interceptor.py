@@ -8,7 +8,8 @@ deadline check (a call whose deadline has passed is not computed), load shedding
 are exempt so probes still answer under overload), malformed-request detection (INVALID_ARGUMENT
 instead of grpc's INTERNAL "Exception deserializing request"), the contract's field limits on every
 request message (``validation.py``), error mapping (``ServiceError`` to a
-rich status; any other exception to INTERNAL with no stack trace leaked), metrics and logs.
+rich status; any other exception to INTERNAL with no stack trace leaked), metrics and logs, and (when
+tracing is on) a SERVER span continuing the caller's W3C ``traceparent`` (``tracing.py``).
 
 It is one interceptor rather than a chain because every wrapper layer costs a coroutine per call;
 the runtime benchmark measures what is left.
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
+from .tracing import end_server_span, start_server_span
 from .validation import validate
 
 log = logging.getLogger("cbec.rpc")
@@ -50,6 +52,10 @@ EXEMPT_SERVICES = frozenset(
         "cbec.common.v1.ModelAdminService",
     }
 )
+
+
+#: Probes and tooling: no span for their calls (a kubelet's health checks would be most of the traces).
+UNTRACED_SERVICES = EXEMPT_SERVICES - {"cbec.common.v1.ModelAdminService"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,16 @@ class _MethodInfo:
     seconds: Any
     handled: dict[grpc.StatusCode, Any]
     labels: tuple[str, str, str]
+    traced: bool
+
+    @property
+    def name(self) -> str:
+        """The span name OpenTelemetry's RPC conventions give a call: ``package.Service/Method``."""
+        return f"{self.service}/{self.method}"
+
+    @property
+    def span_attributes(self) -> dict[str, str]:
+        return {"rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method}
 
 
 def _malformed_error(reason: str) -> ServiceError:
@@ -84,8 +100,10 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         access_log: bool = False,
         access: AccessPolicy | None = None,
         admit_call: Callable[[str, str, grpc.aio.ServicerContext], Awaitable[None]] | None = None,
+        tracer: Any = None,
     ) -> None:
         self._metrics = metrics
+        self._tracer = tracer
         self._access = access or AccessPolicy(None, enforce=False)
         #: A service's own admission (the gateway authenticates end users): runs before anything reads
         #: the request, so an unauthenticated or rate-limited caller costs no validation or compute.
@@ -131,6 +149,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             seconds=m.handling_seconds.labels(*labels),
             handled={code: m.handled.labels(*labels, code.name) for code in grpc.StatusCode},
             labels=labels,
+            traced=self._tracer is not None and service not in UNTRACED_SERVICES,
         )
 
     def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
@@ -222,19 +241,25 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     # --- per-call steps -----------------------------------------------------------------------
-    def _enter(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> tuple[float, str]:
+    def _enter(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> tuple[float, str, Any]:
         request_id = ""
-        for key, value in context.invocation_metadata() or ():
+        metadata = context.invocation_metadata()
+        for key, value in metadata or ():
             if key == REQUEST_ID_KEY:
                 request_id = str(value)[:128]
                 break
         request_id = request_id or os.urandom(16).hex()
         request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        span = None
+        if info.traced:
+            span = start_server_span(self._tracer, info.name, metadata, info.span_attributes)
+            if span.is_recording():
+                span.set_attribute("cbec.request_id", request_id)
         info.started.inc()
         self._in_flight += 1
         # The peer is read now: once a call is torn down (client cancelled) the context must not be used.
-        return time.perf_counter(), context.peer()
+        return time.perf_counter(), context.peer(), span
 
     async def _admit(self, info: _MethodInfo, context: grpc.aio.ServicerContext) -> None:
         self._access.admit(info.service, info.method, context)  # token, identity, admin scope
@@ -251,8 +276,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 f"server is at its limit of {self._max} concurrent calls", retry_after_s=0.1
             )
 
-    def _leave(self, info: _MethodInfo, entered: tuple[float, str], code: grpc.StatusCode) -> None:
-        start, peer = entered
+    def _leave(self, info: _MethodInfo, entered: tuple[float, str, Any], code: grpc.StatusCode) -> None:
+        start, peer, span = entered
         elapsed = time.perf_counter() - start
         self._in_flight -= 1
         info.seconds.observe(elapsed)
@@ -277,6 +302,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     "peer": peer,
                 },
             )
+        if span is not None:  # after the metrics and the log line, which name it
+            end_server_span(span, code)
 
     def _classify(
         self, exc: BaseException, info: _MethodInfo, context: grpc.aio.ServicerContext

@@ -1,4 +1,5 @@
-"""Structured JSON logs; every record carries the request id of the call it belongs to."""
+"""Structured JSON logs; every record carries the request id of the call it belongs to, and the trace
+and span ids of its current span (empty outside a traced call), so a log line leads to its trace."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
+
+from .tracing import current_ids
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -18,6 +21,7 @@ class _RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        record.trace_id, record.span_id = current_ids()
         record.service = self.service
         return True
 

@@ -6,14 +6,27 @@ so ``rate()`` sees later errors from a known zero.
 
 Each server owns its registry, so several servers in one process (tests, benchmarks) never mix.
 Queue time and compute time are separate histograms, as Triton reports them.
+
+Latency histograms are ``TracedHistogram``s: an observation made under a sampled span carries its trace
+id as an exemplar, shown in the OpenMetrics exposition (``Accept: application/openmetrics-text``, what
+Prometheus asks for with exemplar storage on), so a slow bucket links to a trace of a slow call.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from . import tracing
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class TracedHistogram(Histogram):
+    """A histogram whose observations under a sampled span keep its trace id as their bucket's exemplar."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        super().observe(amount, exemplar if exemplar is not None else tracing.exemplar())
 
 
 class RuntimeMetrics:
@@ -26,7 +39,7 @@ class RuntimeMetrics:
         self.handled = Counter(
             "grpc_server_handled", "RPCs completed on the server.", (*rpc_labels, "grpc_code"), registry=r
         )
-        self.handling_seconds = Histogram(
+        self.handling_seconds = TracedHistogram(
             "grpc_server_handling_seconds",
             "Time to handle an RPC, from start to the last response.",
             rpc_labels,
@@ -37,14 +50,14 @@ class RuntimeMetrics:
         self.shed = Counter(
             "grpc_server_shed", "RPCs refused because the server was at its limit.", registry=r
         )
-        self.inference_seconds = Histogram(
+        self.inference_seconds = TracedHistogram(
             "model_inference_seconds",
             "Compute time of one model call (a whole batch), excluding queueing.",
             ("model",),
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = TracedHistogram(
             "model_queue_seconds",
             "Time a request waited in the batch queue before its batch started.",
             ("model",),

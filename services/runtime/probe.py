@@ -6,6 +6,9 @@ A server with mutual TLS (``CBEC_TLS_CLIENT_CA_FILE``) refuses a caller without 
 and the kubelet's native gRPC probe cannot present one: the Helm chart then execs this client with the
 pod's own certificate (``--tls-ca/--tls-cert/--tls-key``) and the name the certificate carries
 (``--tls-server-name``, as the address is 127.0.0.1). Health checks need no internal token.
+
+The channel is the runtime's client channel (``channel.py``) with the TLS of the flags (the same
+fields as ``CBEC_BACKEND_TLS_*``), not of the environment: a probe checks the server it names.
 """
 
 from __future__ import annotations
@@ -14,43 +17,22 @@ import argparse
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .channel import ClientTLS, client_channel
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-@dataclass(frozen=True)
-class ProbeTLS:
-    """TLS for the probe: the CA that signed the server's certificate, optionally a client certificate
-    (mutual TLS), and the name to check on the server's certificate (empty: the address's host)."""
-
-    ca: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-    server_name: str = ""
-
-    @classmethod
-    def from_files(
-        cls, ca: Path, cert: Path | None = None, key: Path | None = None, server_name: str = ""
-    ) -> ProbeTLS:
-        return cls(
-            ca.read_bytes(),
-            cert.read_bytes() if cert else None,
-            key.read_bytes() if key else None,
-            server_name,
-        )
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: TLS for the probe: the CA of the server's certificate, a client certificate for mutual TLS, the name
+#: to check on the server's certificate (empty: the address's host).
+ProbeTLS = ClientTLS
 
 
 def _channel(address: str, tls: ProbeTLS | None) -> grpc.aio.Channel:
-    if tls is None:
-        return grpc.aio.insecure_channel(address)
-    credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-    return grpc.aio.secure_channel(address, credentials, options=options)
+    return client_channel(address, None, (HEALTH,), tls=tls)
 
 
 async def check(address: str, service: str = "", timeout: float = 2.0, *, tls: ProbeTLS | None = None) -> str:

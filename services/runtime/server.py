@@ -45,6 +45,7 @@ from .state import (
     open_database,
     redis_client,
 )
+from .tracing import Tracing
 
 log = logging.getLogger("cbec.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -69,6 +70,8 @@ class Runtime:
     store_checks: list[tuple[str, Callable[[], Any], bool]] = field(default_factory=list)
     databases: list[Database] = field(default_factory=list)
     redis_clients: list[Any] = field(default_factory=list)
+    #: The service's OpenTelemetry tracer (None: tracing off), for spans of its own (the HTTP bridge).
+    tracer: Any = None
 
     @property
     def state(self) -> StateConfig:
@@ -150,8 +153,13 @@ class Server:
         self.settings = settings
         self.metrics = RuntimeMetrics(settings.service)
         self.device = select_device(settings.device)
+        self.tracing = Tracing.from_settings(settings)
         self.runtime = Runtime(
-            settings, self.metrics, self.device, ModelStore(settings.models_dir, settings.service)
+            settings,
+            self.metrics,
+            self.device,
+            ModelStore(settings.models_dir, settings.service),
+            tracer=self.tracing.tracer,
         )
         self.health = self.runtime.health
         self.service = build(self.runtime)
@@ -164,6 +172,7 @@ class Server:
             settings.access_log,
             access,
             getattr(self.service, "admit_call", None),
+            tracer=self.tracing.tracer,
         )
         self.grpc_port = 0
         self.metrics_port = 0
@@ -417,6 +426,7 @@ class Server:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        await asyncio.to_thread(self.tracing.shutdown)  # export the spans still queued
         self._server = None
         self._stopped.set()
         log.info("stopped")

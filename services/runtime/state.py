@@ -17,6 +17,9 @@ one exactly once.
 Every driver error that means "the store is not reachable now" becomes ``StoreUnavailable``
 (UNAVAILABLE with RetryInfo to the client, never INTERNAL). Hot shared state (sessions with a TTL,
 velocity windows, rate limits) lives in Redis: ``redis_client`` opens it with the same settings.
+
+Under a sampled request (``tracing.py``) every statement and every Redis command or pipeline is a
+CLIENT span (the statement text with its placeholders, never the values).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import tracing
 from .errors import ServiceError
 
 log = logging.getLogger("cbec.state")
 
 Dialect = Literal["sqlite", "postgres"]
+#: OpenTelemetry's ``db.system.name`` of each dialect.
+_SYSTEMS: dict[str, str] = {"sqlite": "sqlite", "postgres": "postgresql"}
 Params = Sequence[Any]
 _MIGRATIONS_DDL = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -123,22 +129,30 @@ class Tx:
     def dialect(self) -> Dialect:
         return self.db.dialect
 
+    def _span(self, sql: str) -> contextlib.AbstractContextManager[Any]:
+        operation = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else "SQL"
+        return tracing.store_span(_SYSTEMS[self.dialect], operation, self.db.name, sql)
+
     def execute(self, sql: str, params: Params = ()) -> int:
         """Run one statement; returns the affected row count."""
-        self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
+        with self._span(sql):
+            self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
         return int(self.cursor.rowcount or 0)
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
         if rows:
-            self.cursor.executemany(sql_for(self.dialect, sql), [tuple(r) for r in rows])
+            with self._span(sql):
+                self.cursor.executemany(sql_for(self.dialect, sql), [tuple(r) for r in rows])
 
     def all(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
-        return [tuple(row) for row in self.cursor.fetchall()]
+        with self._span(sql):
+            self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
+            return [tuple(row) for row in self.cursor.fetchall()]
 
     def one(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
-        self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
-        row = self.cursor.fetchone()
+        with self._span(sql):
+            self.cursor.execute(sql_for(self.dialect, sql), tuple(params))
+            row = self.cursor.fetchone()
         return None if row is None else tuple(row)
 
     def scalar(self, sql: str, params: Params = ()) -> Any:
@@ -550,11 +564,10 @@ def redis_client(config: StateConfig, asyncio: bool = False) -> Any:
     import redis.asyncio
     from redis.backoff import ExponentialBackoff
 
-    module: Any = redis.asyncio if asyncio else redis
     retry_cls: Any = redis.asyncio.retry.Retry if asyncio else redis.retry.Retry
     if not config.redis_url:
         raise StateConfigError(f"{config.service or 'redis'}: CBEC_STATE_BACKEND=shared needs CBEC_REDIS_URL")
-    return module.Redis.from_url(
+    return _traced_redis(asyncio).from_url(
         config.redis_url,
         password=config.redis_password or None,
         socket_timeout=config.timeout_s,
@@ -571,3 +584,57 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _redis_span(command: Any) -> contextlib.AbstractContextManager[Any]:
+    name = command.decode() if isinstance(command, bytes) else str(command)
+    return tracing.store_span("redis", name.split(" ", 1)[0].upper(), "redis")
+
+
+_TRACED_REDIS: dict[bool, type] = {}
+
+
+def _traced_redis(asyncio: bool) -> type:
+    """redis-py's client class with a span per command and per pipeline round-trip (scripts are
+    commands: EVALSHA). Subclasses, because redis-py has no per-command hook and the
+    OpenTelemetry instrumentation patches every client of the process with one tracer provider."""
+    cached = _TRACED_REDIS.get(asyncio)
+    if cached is not None:
+        return cached
+    import redis
+    import redis.asyncio
+
+    if asyncio:
+
+        class AsyncPipeline(redis.asyncio.client.Pipeline):
+            async def execute(self, raise_on_error: bool = True) -> Any:
+                with tracing.store_span("redis", "MULTI" if self.is_transaction else "PIPELINE", "redis"):
+                    return await super().execute(raise_on_error)
+
+        class AsyncRedis(redis.asyncio.Redis):
+            async def execute_command(self, *args: Any, **options: Any) -> Any:
+                with _redis_span(args[0] if args else "COMMAND"):
+                    return await super().execute_command(*args, **options)
+
+            def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
+                return AsyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+        cached = AsyncRedis
+    else:
+
+        class Pipeline(redis.client.Pipeline):
+            def execute(self, raise_on_error: bool = True) -> Any:
+                with tracing.store_span("redis", "MULTI" if self.transaction else "PIPELINE", "redis"):
+                    return super().execute(raise_on_error)
+
+        class Redis(redis.Redis):
+            def execute_command(self, *args: Any, **options: Any) -> Any:
+                with _redis_span(args[0] if args else "COMMAND"):
+                    return super().execute_command(*args, **options)
+
+            def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
+                return Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+        cached = Redis
+    _TRACED_REDIS[asyncio] = cached
+    return cached

@@ -1,20 +1,41 @@
-"""Contract limits, checked once in the runtime on every request before a servicer sees it.
+"""Contract rules, checked once in the runtime on every request before a servicer sees it.
 
 What is checked comes from the protobuf descriptors: the ``(cbec.common.v1.limits)`` field option
 (``protos/cbec/common/v1/options.proto``) where a field declares one, else the defaults below, so
 every string, bytes, repeated and map field is bounded and every ``Timestamp`` is in a sane range:
 
 - strings: at most ``max_len`` characters, no C0/C1 control characters (tab, newline and carriage
-  return are allowed), not empty when ``required`` (a repeated string: no empty element);
+  return are allowed);
 - bytes: at most ``max_len`` bytes; repeated and map fields: at most ``max_items`` elements (a map's
   ``max_len`` bounds its string keys and values);
 - ``google.protobuf.Timestamp``: nanos in [0, 1e9) and seconds within ``min_unix_s``..``max_unix_s``
   (default 1970-01-01 .. 2100-01-01); ``google.protobuf.Duration``: protobuf's own range and signs;
+  ``google.type.Money``: a currency code of three capital letters (ISO 4217's form), nanos within
+  +-999,999,999 with the sign of units;
 - enums: a value the enum defines.
 
+And the fields the contract marks ``(google.api.field_behavior) = REQUIRED``, in the request and in
+every message set in it (elements of repeated fields included):
+
+- a string must not be empty or blank, a bytes field not empty;
+- a message field (or any field with presence) must be set;
+- a repeated or map field must hold at least one element (a repeated string or bytes field: and
+  none of them empty or blank);
+- a number or enum must not be 0. Proto3 cannot tell an unset number from 0, so the contract marks a
+  number REQUIRED only where 0 is invalid anyway (``k``, ``outcome``, an enum's UNSPECIFIED).
+
+``IDENTIFIER`` and ``OUTPUT_ONLY`` need no check here (a server ignores output-only input). The
+deprecated ``(cbec.common.v1.limits).required`` is ignored: REQUIRED is the one way to say it.
+
+A message type marked ``option (cbec.common.v1.item) = {rejected_alone: true}`` (an element of a
+batch whose bad elements are rejected one by one, or one message of such a client stream) is
+checked for its limits like any other, but its REQUIRED fields, and those of the messages in it, are
+left to the servicer, which checks them with ``item_violations`` (the same compiled rules) and
+rejects that element alone.
+
 A violation is an INVALID_ARGUMENT naming the field path (``transactions[3].occurred_time``) and the
-limit. The rules of a message type are compiled once into a table keyed by field descriptor, and a
-message is walked with ``ListFields()``, so unset fields cost nothing.
+rule. The rules of a message type are compiled once into a table keyed by field descriptor, and a
+message is walked with ``ListFields()``, so unset fields cost nothing but the REQUIRED ones' checks.
 
 Written here rather than taken from protovalidate (``buf.validate``), the field's standard: its
 current Python release (2.x) validates messages of Buf's own ``protobuf-py`` runtime, not the
@@ -27,11 +48,12 @@ the offline build cannot reach. The rules live in the contract's own option inst
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from cbec.common.v1 import options_pb2
+from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -47,22 +69,31 @@ DURATION_MAX_S = 315_576_000_000
 NANOS = 1_000_000_000
 #: C0 and C1 control characters and DEL, except tab, newline and carriage return.
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: ISO 4217's form of a currency code (whether the currency exists is the service's to say).
+CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
+NANOS_MAX = 999_999_999
+REQUIRED = field_behavior_pb2.REQUIRED
 
 _T = FieldDescriptor
-# Checks one value; ``path`` is the field's path. Returns nothing; appends to ``out``.
-_Check = Callable[[Any, str, list[Violation]], None]
+# Checks one set value; ``path`` is the field's path; ``required``: also check REQUIRED fields of the
+# messages in it. Returns nothing; appends to ``out``.
+_Check = Callable[[Any, str, list[Violation], bool], None]
 # Checks one element of a repeated field or map value: a description of the problem, or None.
 _Problem = Callable[[Any], str | None]
+# Checks one REQUIRED field of a message (set or not); ``prefix`` is the message's path.
+_Require = Callable[[Any, str, list[Violation]], None]
 
 
 class _Rules:
     """The compiled rules of one message type."""
 
-    __slots__ = ("fields", "required")
+    __slots__ = ("fields", "per_item", "required")
 
     def __init__(self) -> None:
         self.fields: dict[FieldDescriptor, tuple[str, _Check]] = {}
-        self.required: tuple[str, ...] = ()
+        self.required: tuple[_Require, ...] = ()
+        # ``(cbec.common.v1.item).rejected_alone``: REQUIRED fields are the servicer's (item_violations)
+        self.per_item = False
 
 
 _compiled: dict[str, _Rules] = {}
@@ -70,14 +101,17 @@ _by_type: dict[type, _Rules] = {}
 
 
 def violations(message: Message, prefix: str = "") -> list[Violation]:
-    """Every contract violation of ``message`` (field paths start with ``prefix``)."""
+    """Every contract violation of ``message`` that the runtime rejects a call for (field paths start
+    with ``prefix``): what ``validate`` raises."""
     out: list[Violation] = []
-    _check_message(message, prefix, out, rules_for(message.DESCRIPTOR))
+    rules = rules_for(message.DESCRIPTOR)
+    _check_message(message, prefix, out, rules, not rules.per_item)
     return out
 
 
 def validate(message: Message, prefix: str = "") -> None:
-    """Raise INVALID_ARGUMENT naming every field of ``message`` that breaks the contract's limits."""
+    """Raise INVALID_ARGUMENT naming every field of ``message`` that breaks the contract: its limits,
+    and its REQUIRED fields unless the message is an element rejected alone (``item_violations``)."""
     rules = _by_type.get(type(message))
     if rules is None:  # first call of this type; not a message (raw bytes): nothing to check
         descriptor = getattr(message, "DESCRIPTOR", None)
@@ -86,9 +120,30 @@ def validate(message: Message, prefix: str = "") -> None:
     if not rules.fields and not rules.required:
         return
     out: list[Violation] = []
-    _check_message(message, prefix, out, rules)
+    _check_message(message, prefix, out, rules, not rules.per_item)
     if out:
         raise InvalidArgument(out)
+
+
+def item_violations(message: Message, prefix: str = "") -> list[Violation]:
+    """Every contract violation of one element that a servicer accepts or rejects alone (a type marked
+    ``(cbec.common.v1.item).rejected_alone``), its REQUIRED fields and those of the messages in it
+    included: what the servicer reports in that element's ``ItemRejection``."""
+    out: list[Violation] = []
+    _check_message(message, prefix, out, rules_for(message.DESCRIPTOR), True)
+    return out
+
+
+def merged(first: Sequence[Violation], then: Iterable[Violation]) -> list[Violation]:
+    """``first``, then those of ``then`` on fields that ``first`` does not name: one reason per field
+    when a servicer's own checks would repeat a missing field's."""
+    named = {v.field for v in first}
+    return [*first, *(v for v in then if v.field not in named)]
+
+
+def is_required(fd: FieldDescriptor) -> bool:
+    """Whether the contract marks the field ``(google.api.field_behavior) = REQUIRED``."""
+    return REQUIRED in fd.GetOptions().Extensions[field_behavior_pb2.field_behavior]
 
 
 def rules_for(descriptor: Descriptor) -> _Rules:
@@ -98,19 +153,16 @@ def rules_for(descriptor: Descriptor) -> _Rules:
         rules = _compiled[descriptor.full_name] = _Rules()
         required = []
         try:
+            options = descriptor.GetOptions()
+            if options.HasExtension(options_pb2.item):
+                rules.per_item = bool(options.Extensions[options_pb2.item].rejected_alone)
             for fd in descriptor.fields:
                 limits = _limits(fd)
                 check = _field_check(fd, limits)
                 if check is not None:
                     rules.fields[fd] = (fd.name, check)
-                # (not in a oneof: "required" could not tell unset from another member being set)
-                if (
-                    limits.required
-                    and fd.type == _T.TYPE_STRING
-                    and not fd.is_repeated
-                    and fd.containing_oneof is None
-                ):
-                    required.append(fd.name)
+                if is_required(fd):
+                    required.append(_require(fd, limits))
         except BaseException:
             del _compiled[descriptor.full_name]  # never keep half a rule table
             raise
@@ -118,15 +170,17 @@ def rules_for(descriptor: Descriptor) -> _Rules:
     return rules
 
 
-def _check_message(message: Message, prefix: str, out: list[Violation], rules: _Rules) -> None:
-    for name in rules.required:
-        if not getattr(message, name).strip():
-            out.append(Violation(prefix + name, "is required (must not be empty)"))
+def _check_message(
+    message: Message, prefix: str, out: list[Violation], rules: _Rules, required: bool
+) -> None:
+    if required:
+        for check_required in rules.required:
+            check_required(message, prefix, out)
     fields = rules.fields
     for fd, value in message.ListFields():
         entry = fields.get(fd)
         if entry is not None:
-            entry[1](value, prefix + entry[0], out)
+            entry[1](value, prefix + entry[0], out, required)
 
 
 def _limits(fd: FieldDescriptor) -> options_pb2.FieldLimits:
@@ -136,6 +190,48 @@ def _limits(fd: FieldDescriptor) -> options_pb2.FieldLimits:
     return options_pb2.FieldLimits()
 
 
+# --- compiling one REQUIRED field ---------------------------------------------------------------------
+def _require(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Require:
+    """The check of one REQUIRED field (see the module docstring for what each kind must hold)."""
+    name = fd.name
+    if fd.is_repeated:  # maps included
+        blank_elements = fd.type in (_T.TYPE_STRING, _T.TYPE_BYTES)
+        max_items = limits.max_items or DEFAULT_MAX_ITEMS
+
+        def repeated(message: Any, prefix: str, out: list[Violation]) -> None:
+            values = getattr(message, name)
+            if not values:
+                out.append(Violation(prefix + name, "is required (must hold at least one item)"))
+            elif blank_elements and len(values) <= max_items:  # too many: one violation, the limit's
+                for i, value in enumerate(values):
+                    if not value.strip():
+                        out.append(Violation(f"{prefix}{name}[{i}]", "must not be empty"))
+
+        return repeated
+    if fd.has_presence:  # a message, a oneof member, a proto3 ``optional`` scalar
+
+        def present(message: Any, prefix: str, out: list[Violation]) -> None:
+            if not message.HasField(name):
+                out.append(Violation(prefix + name, "is required"))
+
+        return present
+    if fd.type in (_T.TYPE_STRING, _T.TYPE_BYTES):
+
+        def text(message: Any, prefix: str, out: list[Violation]) -> None:
+            if not getattr(message, name).strip():
+                out.append(Violation(prefix + name, "is required (must not be empty)"))
+
+        return text
+    zero = fd.enum_type.values_by_number[0].name if fd.type == _T.TYPE_ENUM else "0"
+    description = f"is required (must not be {zero})"
+
+    def number(message: Any, prefix: str, out: list[Violation]) -> None:
+        if not getattr(message, name):
+            out.append(Violation(prefix + name, description))
+
+    return number
+
+
 # --- compiling one field ----------------------------------------------------------------------------
 def _field_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Check | None:
     if fd.is_repeated:
@@ -143,6 +239,8 @@ def _field_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Check
             return _map_check(fd, limits)
         return _repeated_check(fd, limits)
     if fd.type == _T.TYPE_MESSAGE:
+        if fd.message_type.full_name == "google.type.Money":
+            return _money_check
         problem = _well_known(fd.message_type, limits)
         if problem is not None:
             return _singular(problem)
@@ -158,7 +256,7 @@ def _string_check(max_len: int) -> _Check:
     search = CONTROL.search
     problem = _string_problem(max_len)
 
-    def check(value: str, path: str, out: list[Violation]) -> None:
+    def check(value: str, path: str, out: list[Violation], required: bool) -> None:
         if len(value) > max_len or search(value) is not None:
             out.append(Violation(path, problem(value) or ""))
 
@@ -166,7 +264,7 @@ def _string_check(max_len: int) -> _Check:
 
 
 def _singular(problem: _Problem) -> _Check:
-    def check(value: Any, path: str, out: list[Violation]) -> None:
+    def check(value: Any, path: str, out: list[Violation], required: bool) -> None:
         description = problem(value)
         if description is not None:
             out.append(Violation(path, description))
@@ -177,8 +275,8 @@ def _singular(problem: _Problem) -> _Check:
 def _nested(descriptor: Descriptor) -> _Check:
     rules = rules_for(descriptor)  # a type being compiled (recursion) is filled in before first use
 
-    def check(value: Any, path: str, out: list[Violation]) -> None:
-        _check_message(value, path + ".", out, rules)
+    def check(value: Any, path: str, out: list[Violation], required: bool) -> None:
+        _check_message(value, path + ".", out, rules, required and not rules.per_item)
 
     return check
 
@@ -192,18 +290,17 @@ def _repeated_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Ch
         nested = fd.message_type if element is None else None
     else:
         element = _scalar(fd, limits)
-        if limits.required and fd.type == _T.TYPE_STRING:
-            element = _required_element(element)
     rules = rules_for(nested) if nested is not None else None
 
-    def check(values: Any, path: str, out: list[Violation]) -> None:
+    def check(values: Any, path: str, out: list[Violation], required: bool) -> None:
         n = len(values)
         if n > max_items:
             out.append(Violation(path, f"must hold at most {max_items} items (got {n})"))
             return
         if rules is not None:
+            inner = required and not rules.per_item
             for i, value in enumerate(values):
-                _check_message(value, f"{path}[{i}].", out, rules)
+                _check_message(value, f"{path}[{i}].", out, rules, inner)
         elif element is not None:
             for i, value in enumerate(values):
                 description = element(value)
@@ -211,15 +308,6 @@ def _repeated_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Ch
                     out.append(Violation(f"{path}[{i}]", description))
 
     return check
-
-
-def _required_element(inner: _Problem | None) -> _Problem:
-    def problem(value: str) -> str | None:
-        if not value.strip():
-            return "must not be empty"
-        return inner(value) if inner is not None else None
-
-    return problem
 
 
 def _map_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Check:
@@ -235,17 +323,18 @@ def _map_check(fd: FieldDescriptor, limits: options_pb2.FieldLimits) -> _Check:
         value_problem = _scalar(value_fd, limits)
     rules = rules_for(nested) if nested is not None else None
 
-    def check(mapping: Any, path: str, out: list[Violation]) -> None:
+    def check(mapping: Any, path: str, out: list[Violation], required: bool) -> None:
         n = len(mapping)
         if n > max_items:
             out.append(Violation(path, f"must hold at most {max_items} entries (got {n})"))
             return
+        inner = required and rules is not None and not rules.per_item
         for key, value in mapping.items():
             if key_problem is not None and (description := key_problem(key)) is not None:
                 out.append(Violation(f"{path}[{quote(key, 32)}]", f"key {description}"))
                 continue
             if rules is not None:
-                _check_message(value, f"{path}[{quote(key, 32)}].", out, rules)
+                _check_message(value, f"{path}[{quote(key, 32)}].", out, rules, inner)
             elif value_problem is not None and (description := value_problem(value)) is not None:
                 out.append(Violation(f"{path}[{quote(key, 32)}]", description))
 
@@ -304,6 +393,8 @@ def _well_known(descriptor: Descriptor, limits: options_pb2.FieldLimits) -> _Pro
         )
     if descriptor.full_name == "google.protobuf.Duration":
         return _duration_problem
+    if descriptor.full_name == "google.type.Money":
+        return _money_problem
     return None
 
 
@@ -331,3 +422,32 @@ def _duration_problem(value: Any) -> str | None:
     if not -NANOS < nanos < NANOS or (seconds > 0 > nanos) or (seconds < 0 < nanos):
         return f"nanos must be within -999999999..999999999 with the sign of seconds (got {nanos})"
     return None
+
+
+def _money_problems(value: Any) -> list[tuple[str, str]]:
+    """(sub-field, description) of each problem of a ``google.type.Money`` (its documented form)."""
+    out = []
+    if CURRENCY_CODE.match(value.currency_code) is None:
+        out.append(
+            (
+                "currency_code",
+                f"must be an ISO 4217 code of three capital letters such as 'EUR' "
+                f"(got {quote(value.currency_code)})",
+            )
+        )
+    units, nanos = value.units, value.nanos
+    if not -NANOS_MAX <= nanos <= NANOS_MAX:
+        out.append(("nanos", f"must be within -999999999..999999999 (got {nanos})"))
+    elif (units > 0 > nanos) or (units < 0 < nanos):
+        out.append(("nanos", f"must have the sign of units (got units {units}, nanos {nanos})"))
+    return out
+
+
+def _money_check(value: Any, path: str, out: list[Violation], required: bool) -> None:
+    for sub, description in _money_problems(value):
+        out.append(Violation(f"{path}.{sub}", description))
+
+
+def _money_problem(value: Any) -> str | None:
+    problems = _money_problems(value)
+    return "; ".join(f"{sub} {description}" for sub, description in problems) if problems else None

@@ -1,6 +1,8 @@
 """Sentiment settings (environment ``CBEC_SENTIMENT_*``), on top of the runtime's shared settings.
 
-Field names carry a ``sentiment_`` prefix because ``make run`` hands one environment to every service.
+Every field a service declares is read with its prefix (``services/runtime/registry.py``); these fields
+are named ``sentiment_*`` already, which the prefix does not repeat (``sentiment_int8`` is
+``CBEC_SENTIMENT_INT8``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .encoder import DEFAULT_INT8
 
 
 class SentimentSettings(RuntimeSettings):
+    service: str = "sentiment"
     sentiment_db_path: Path | None = Field(
         None,
         description=(

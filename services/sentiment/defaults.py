@@ -9,24 +9,24 @@ The full-data model is the benchmark's job (``python -m bench.sentiment``).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from services.runtime.model_store import ModelStore
 
 from .data import DataMissing
-from .train import SERVICE, train
+from .train import SERVICE, configured_settings, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--models-dir", type=Path, help="default: the settings' CBEC_MODELS_DIR (models)")
     parser.add_argument("--sample", type=int, default=2000)
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--force", action="store_true", help="train even if a model exists")
     args = parser.parse_args()
+    args.models_dir = args.models_dir or configured_settings().models_dir
     existing = ModelStore(args.models_dir, SERVICE).newest_valid()
     if existing is not None and not args.force:
         print(f"sentiment: model {existing.version} exists in {args.models_dir}; nothing to do")

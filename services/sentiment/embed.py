@@ -124,12 +124,12 @@ def embed_cached(
 def warm_cache_main() -> None:
     """``python -m services.sentiment.embed``: fill the embedding cache in the training priority order."""
     import argparse
-    import os
 
     from .data import load_reviews, priority_order
+    from .train import configured_settings
 
     parser = argparse.ArgumentParser(description=warm_cache_main.__doc__)
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--models-dir", type=Path, help="default: the settings' CBEC_MODELS_DIR (models)")
     parser.add_argument("--limit", type=int, default=None, help="reviews to cover, in priority order")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds")
     parser.add_argument(
@@ -139,8 +139,8 @@ def warm_cache_main() -> None:
     df = load_reviews()
     order = priority_order(df)[: args.limit]
     encoder = Encoder(quantize=args.int8)
-    folder = os.environ.get("CBEC_SENTIMENT_CACHE_DIR") or args.models_dir / ".cache" / "sentiment"
-    cache = EmbeddingCache.in_dir(Path(folder), encoder.name)
+    # The server's cache: CBEC_SENTIMENT_CACHE_DIR, else under the models folder.
+    cache = EmbeddingCache.in_dir(configured_settings(args.models_dir).cache_dir, encoder.name)
     result = embed_cached(encoder, df["text"].to_numpy()[order].tolist(), cache, budget_s=args.budget_s)
     print(
         f"{int(result.done.sum())}/{len(order)} reviews have vectors "

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +46,9 @@ from .model import (
     Scores,
     star_logits_to_scores,
 )
+
+if TYPE_CHECKING:
+    from .config import SentimentSettings
 
 log = logging.getLogger("cbec.sentiment.train")
 SERVICE = "sentiment"
@@ -429,9 +431,19 @@ def evaluate_multilingual(
 
 
 def default_cache_dir(models_dir: Path) -> Path:
-    """``CBEC_SENTIMENT_CACHE_DIR`` when set (as the server's settings read it), else under the models."""
-    env = os.environ.get("CBEC_SENTIMENT_CACHE_DIR")
-    return Path(env) if env else models_dir / ".cache" / SERVICE
+    """The server's embedding cache for ``models_dir``: the settings' ``sentiment_cache_dir``
+    (``CBEC_SENTIMENT_CACHE_DIR``) when set, else under the models."""
+    return configured_settings(models_dir).cache_dir
+
+
+def configured_settings(models_dir: Path | None = None) -> SentimentSettings:
+    """The service's settings, read as the server reads them (``models_dir`` overrides CBEC_MODELS_DIR)."""
+    from services.runtime.config import load_settings
+
+    from .config import SentimentSettings
+
+    overrides = {} if models_dir is None else {"models_dir": models_dir}
+    return load_settings(SentimentSettings, SERVICE, **overrides)
 
 
 def train(
@@ -624,7 +636,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("CBEC_MODELS_DIR", "models")))
+    parser.add_argument("--models-dir", type=Path, help="default: the settings' CBEC_MODELS_DIR (models)")
     parser.add_argument(
         "--sample", type=int, default=None, help="reviews to use, in priority order (default all)"
     )
@@ -652,6 +664,7 @@ def main() -> None:
         help="train on the int8 encoder's vectors (CPU; default: the exact fp32 ones)",
     )
     args = parser.parse_args()
+    args.models_dir = args.models_dir or configured_settings().models_dir
     logging.basicConfig(level=logging.INFO)
     if args.import_hf:
         from .model import import_hf_directory

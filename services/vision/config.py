@@ -33,6 +33,11 @@ class VisionSettings(RuntimeSettings):
         Path("data/vision"),
         description="Fashion-MNIST copy (when not installed system-wide) and the backbone feature cache.",
     )
+    vision_fashion_mnist_dir: Path | None = Field(
+        None,
+        description="A folder holding the Fashion-MNIST idx files, searched before the installed Debian "
+        "package and the copy under vision_data_dir.",
+    )
     vision_max_image_bytes: int = Field(
         6 * 1024 * 1024,
         ge=64,

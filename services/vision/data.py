@@ -89,12 +89,10 @@ def _has_files(folder: Path) -> bool:
     return all((folder / name).is_file() for pair in FILES.values() for name in pair)
 
 
-def locate(data_dir: Path | None = None) -> Path:
-    """The folder holding the idx files: $CBEC_VISION_FASHION_MNIST_DIR, the installed package, or a
-    copy unpacked into ``data_dir``."""
-    candidates = []
-    if env := os.environ.get("CBEC_VISION_FASHION_MNIST_DIR"):
-        candidates.append(Path(env))
+def locate(data_dir: Path | None = None, folder: Path | None = None) -> Path:
+    """The folder holding the idx files: ``folder`` (the service's ``vision_fashion_mnist_dir``,
+    ``CBEC_VISION_FASHION_MNIST_DIR``), the installed package, or a copy unpacked into ``data_dir``."""
+    candidates = [] if folder is None else [Path(folder)]
     candidates += [SYSTEM_DIR, REPO_DEB_DIR]
     if data_dir is not None:
         candidates.append(Path(data_dir) / "fashion-mnist" / PACKAGE_SUBDIR)
@@ -107,10 +105,10 @@ def locate(data_dir: Path | None = None) -> Path:
     )
 
 
-def fetch(data_dir: Path) -> Path:
+def fetch(data_dir: Path, folder: Path | None = None) -> Path:
     """Locate the data set, unpacking the Debian package into ``data_dir`` when it is not installed."""
     try:
-        return locate(data_dir)
+        return locate(data_dir, folder)
     except DataError:
         pass
     target = Path(data_dir) / "fashion-mnist"
@@ -133,11 +131,11 @@ def fetch(data_dir: Path) -> Path:
     return locate(data_dir)
 
 
-def load(split: str, data_dir: Path | None = None) -> Split:
-    """``train`` (60,000) or ``test`` (10,000) images with their class labels."""
+def load(split: str, data_dir: Path | None = None, folder: Path | None = None) -> Split:
+    """``train`` (60,000) or ``test`` (10,000) images with their class labels (``folder``: see ``locate``)."""
     if split not in FILES:
         raise ValueError(f"split must be one of {sorted(FILES)}")
-    folder = locate(data_dir)
+    folder = locate(data_dir, folder)
     images_name, labels_name = FILES[split]
     images = read_idx(folder / images_name)
     labels = read_idx(folder / labels_name).astype(np.int64)

@@ -113,7 +113,7 @@ def index_default_catalogue(settings: VisionSettings, embedder: model.Embedder, 
         if catalogue.count() > 0:
             print(f"vision catalogue present: {catalogue.count()} products")
             return 0
-        split = data.load("train", settings.vision_data_dir)
+        split = data.load("train", settings.vision_data_dir, settings.vision_fashion_mnist_dir)
         size = min(size, train.CATALOGUE_RESERVED, len(split))
         pngs = [split.png(i) for i in tqdm(range(size), desc="catalogue: encode", unit="img")]
         limits = ImageLimits()
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = load_settings(VisionSettings, "vision")
-    folder = data.fetch(settings.vision_data_dir)
+    folder = data.fetch(settings.vision_data_dir, settings.vision_fashion_mnist_dir)
     print(f"Fashion-MNIST: {folder}")
     status = train.main(["--if-missing"])
     if status:

@@ -243,11 +243,15 @@ def fashion_split(config: TrainConfig, n_train: int) -> tuple[np.ndarray, np.nda
 
 
 def fit_fashion(
-    config: TrainConfig, data_dir: Path, device: str = "cpu", progress: bool = True
+    config: TrainConfig,
+    data_dir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+    fashion_mnist_dir: Path | None = None,
 ) -> tuple[FitResult, str]:
     """Fit on Fashion-MNIST training images that the catalogue never uses; returns (result, data hash)."""
-    folder = data.locate(data_dir)
-    train = data.load("train", data_dir)
+    folder = data.locate(data_dir, fashion_mnist_dir)
+    train = data.load("train", data_dir, fashion_mnist_dir)
     ft_idx, val_idx = fashion_split(config, len(train))
     cache = features.FeatureCache(Path(data_dir) / "cache", config.image_size)
     ft_pixels, _ = pixels_of(train, ft_idx, config.image_size, "fine-tune images")
@@ -341,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.images is not None:
         result, digest = fit_folder(args.images, config, settings.vision_data_dir / "cache")
     else:
-        data.fetch(settings.vision_data_dir)
-        result, digest = fit_fashion(config, settings.vision_data_dir)
+        data.fetch(settings.vision_data_dir, settings.vision_fashion_mnist_dir)
+        result, digest = fit_fashion(
+            config, settings.vision_data_dir, fashion_mnist_dir=settings.vision_fashion_mnist_dir
+        )
     version = write_version(store, result, digest)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()))
     print(f"wrote vision model {version} ({result.spec.kind}): {shown}")

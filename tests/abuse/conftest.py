@@ -14,8 +14,8 @@ import pytest
 from tests.abuse.suite import Suite, running_suite
 
 GATEWAY_ENV = {
-    "CBEC_HTTP_HEADER_TIMEOUT_S": "2",
-    "CBEC_HTTP_BODY_TIMEOUT_S": "2",
+    "CBEC_GATEWAY_HTTP_HEADER_TIMEOUT_S": "2",
+    "CBEC_GATEWAY_HTTP_BODY_TIMEOUT_S": "2",
     "CBEC_BREAKER_OPEN_S": "2",
 }
 

@@ -1,7 +1,7 @@
 """The whole suite as ``make run`` starts it, for the abuse tests and ``make bench-abuse``.
 
-Every service that ``services.runtime.launcher.discover()`` finds, and the gateway, run as their own
-processes (``python -m <module>``) with the environment the launcher gives them (``CBEC_ENV=dev``,
+Every service that ``tools.launcher.discover()`` finds, and the gateway, run as their own
+processes (``python -m <module>``) with the environment the launcher gives them (``CBEC_GATEWAY_ENV=dev``,
 embedded state under one folder, the internal token file, the gateway in front) and the listen
 addresses they default to, as under ``make run``; only the ports are free ones rather than the fixed
 ones, so that a test never collides with a developer's ``make run``. Models are the small real
@@ -36,8 +36,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from services.runtime.registry import SERVICES
+
 ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ("recommender", "chat", "sentiment", "vision", "risk")
+BACKENDS = SERVICES["gateway"].calls
 # Scopes of a shopper's storefront key: every backend and the aggregations, not the model-admin API.
 SHOPPER_SCOPES = ["gateway", *BACKENDS]
 #: The shopper each storefront key is bound to (users of the tiny recommender's synthetic shop).
@@ -192,8 +194,8 @@ def _keys_document(keys: dict[str, str]) -> str:
 
 
 def _environment(work: Path, models_dir: Path) -> dict[str, str]:
-    """What the launcher gives every service (``services.runtime.launcher.environment``)."""
-    from services.runtime.launcher import environment
+    """What the launcher gives every service (``tools.launcher.environment``)."""
+    from tools.launcher import environment
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("CBEC_")}
     base.update({"CBEC_STATE_DIR": str(work / "var"), "OPENBLAS_NUM_THREADS": "1"})
@@ -213,7 +215,7 @@ def running_suite(
     ``CBEC_*`` settings of the gateway (e.g. a short breaker open time).
     """
     from services.runtime.access import TOKEN_ENV, read_token
-    from services.runtime.launcher import discover
+    from tools.launcher import discover, service_environment
 
     work.mkdir(parents=True, exist_ok=True)
     label = str(models_dir) if models_dir is not None else "tiny"
@@ -227,23 +229,18 @@ def running_suite(
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     env = _environment(work, models_dir)
-    specs = {s.name: s for s in discover()}
+    # The launcher's processes on free ports; it gives each its ports and its upstreams' addresses.
+    specs = discover({s.name: free_port() for s in discover()})
     processes = {
-        name: Process(name, spec.module, free_port(), free_port(), logs / f"{name}.log")
-        for name, spec in specs.items()
+        s.name: Process(s.name, s.module, s.grpc_port, free_port(), logs / f"{s.name}.log") for s in specs
     }
     http_port = free_port()
     per_service: dict[str, dict[str, str]] = {
-        "chat": {
-            "CBEC_LLM_BACKEND": "none",
-            "CBEC_SENTIMENT_ADDR": processes["sentiment"].address,
-        },
+        "chat": {"CBEC_CHAT_LLM_BACKEND": "none"},
         "vision": {"CBEC_VISION_DATA_DIR": str(work / "vision-data")},
         "gateway": {
-            "CBEC_HTTP_PORT": str(http_port),
-            "CBEC_API_KEYS_FILE": str(work / "keys.json"),
-            "CBEC_JWT_SECRET_FILE": str(work / "jwt.secret"),
-            **{f"CBEC_{n.upper()}_ADDR": processes[n].address for n in BACKENDS if n in processes},
+            "CBEC_GATEWAY_API_KEYS_FILE": str(work / "keys.json"),
+            "CBEC_GATEWAY_JWT_SECRET_FILE": str(work / "jwt.secret"),
             **(gateway_env or {}),
         },
     }
@@ -252,10 +249,10 @@ def running_suite(
     token = read_token(Path(env[TOKEN_ENV]))
     suite = Suite(work, models_dir, processes, http_port, keys, jwt_secret, label, token)
     try:
-        for name, p in processes.items():
+        for spec in specs:
+            name, p = spec.name, processes[spec.name]
             service_env = {
-                **env,
-                "CBEC_GRPC_PORT": str(p.grpc_port),
+                **service_environment(spec, specs, env, http_port, None),
                 "CBEC_METRICS_PORT": str(p.metrics_port),
                 **per_service.get(name, {}),
             }

@@ -113,3 +113,22 @@ async def test_chat_calls_sentiment_with_the_token_over_mutual_tls(
         assert call.trusted and call.user == "u-1001"  # chat passes on whom the call is for
     finally:
         await sentiment.stop(grace=0)
+
+
+async def test_a_conversations_request_id_reaches_sentiment(
+    prepared: Prepared, state_dir: Path, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    sentiment = make_server("sentiment", tmp_path / "models", recorder, token=False)
+    await sentiment.start()
+    try:
+        settings = chat_settings(prepared, state_dir, sentiment_addr=f"127.0.0.1:{sentiment.grpc_port}")
+        async with running(settings) as (_, stub):
+            request = chat_pb2.ConverseRequest(message="How long does shipping to Spain take?")
+            call = stub.Converse(request, timeout=120, metadata=(("x-request-id", "rid-chat-42"),))
+            chunks = [chunk async for chunk in call]
+        assert chunks[-1].WhichOneof("chunk") == "result"
+        (analyze,) = recorder.of("Analyze")
+        assert analyze.request_id == "rid-chat-42"  # chat's log line and sentiment's carry the same id
+    finally:
+        await sentiment.stop(grace=0)

@@ -174,20 +174,20 @@ def test_http_errors_are_generation_errors(
 def test_settings_select_the_backend_and_keep_the_key_secret(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CBEC_LLM_BACKEND", "openai")
-    monkeypatch.setenv("CBEC_LLM_URL", "http://vllm.llm.svc:8000/v1")
-    monkeypatch.setenv("CBEC_LLM_MODEL", "qwen2.5-7b-instruct")
-    monkeypatch.setenv("CBEC_LLM_API_KEY", API_KEY)
-    monkeypatch.setenv("CBEC_LLM_TIMEOUT_S", "12.5")
+    monkeypatch.setenv("CBEC_CHAT_LLM_BACKEND", "openai")
+    monkeypatch.setenv("CBEC_CHAT_LLM_URL", "http://vllm.llm.svc:8000/v1")
+    monkeypatch.setenv("CBEC_CHAT_LLM_MODEL", "qwen2.5-7b-instruct")
+    monkeypatch.setenv("CBEC_CHAT_LLM_API_KEY", API_KEY)
+    monkeypatch.setenv("CBEC_CHAT_LLM_TIMEOUT_S", "12.5")
     settings = ChatSettings(models_dir=tmp_path)
     assert settings.llm_api_key.get_secret_value() == API_KEY
     assert API_KEY not in repr(settings) and API_KEY not in settings.model_dump_json()
     llm = llm_from_settings(settings, "cpu")
     assert isinstance(llm, OpenAIBackend) and llm.name == "openai:qwen2.5-7b-instruct"
     llm.close()
-    with pytest.raises(ValidationError, match="llm_url"):
+    with pytest.raises(ValidationError, match="CBEC_CHAT_LLM_URL"):
         ChatSettings(models_dir=tmp_path, llm_url="vllm:8000")
-    with pytest.raises(ValueError, match="CBEC_LLM_URL"):
+    with pytest.raises(ValueError, match="CBEC_CHAT_LLM_URL"):
         llm_from_settings(ChatSettings(models_dir=tmp_path, llm_url=""), "cpu")
 
 

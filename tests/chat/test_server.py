@@ -303,7 +303,17 @@ async def test_product_copy_templates_where_no_llm_serves_the_language(stub) -> 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GenerateProductCopy(chat_pb2.GenerateProductCopyRequest(target_language="german"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert {f for f, _ in field_violations(err.value)} == {"product.name", "target_language"}
+    assert {f for f, _ in field_violations(err.value)} == {"product"}  # REQUIRED: the runtime's
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GenerateProductCopy(
+            chat_pb2.GenerateProductCopyRequest(product={"name": " "}, target_language="german")
+        )
+    assert {f for f, _ in field_violations(err.value)} == {"product.name"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GenerateProductCopy(
+            chat_pb2.GenerateProductCopyRequest(product={"name": "Scarf"}, target_language="german")
+        )
+    assert {f for f, _ in field_violations(err.value)} == {"target_language"}
 
 
 async def test_product_copy_carries_no_bidi_overrides_or_escapes(stub) -> None:

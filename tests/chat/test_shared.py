@@ -332,8 +332,8 @@ def start_process(prepared: Prepared, state_dir: Path, env_extra: dict[str, str]
         "CBEC_MODELS_DIR": str(prepared.models_dir),
         "CBEC_STATE_DIR": str(state_dir),
         "CBEC_DEVICE": "cpu",
-        "CBEC_LLM_BACKEND": "none",
-        "CBEC_SENTIMENT_ADDR": "127.0.0.1:9",
+        "CBEC_CHAT_LLM_BACKEND": "none",
+        "CBEC_CHAT_SENTIMENT_ADDR": "127.0.0.1:9",
         **env_extra,
     }
     proc = subprocess.Popen(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from services.runtime import launcher
 from services.runtime.model_store import ModelStore
+from tools import launcher
 
 
 def test_the_launcher_builds_the_catalogue_and_trains_the_recommender_on_it(tmp_path: Path) -> None:

@@ -146,10 +146,9 @@ class ChartCluster:
                 env[item["name"]] = self.secrets[(ref["name"], ref["key"])]
         for key, value in list(env.items()):
             env[key] = _host_path(value, mounts)
-        if env.get("CBEC_HOST") == "0.0.0.0":
-            env["CBEC_HOST"] = ip
-        if env.get("CBEC_HTTP_HOST") == "0.0.0.0":
-            env["CBEC_HTTP_HOST"] = ip
+        for key in ("CBEC_HOST", f"CBEC_{component.upper()}_HTTP_HOST"):  # the gateway's HTTP bridge
+            if env.get(key) == "0.0.0.0":
+                env[key] = ip
         venv_bin = Path(sys.executable).parent
         env.update(
             {  # the image's ENV, pointing at this checkout instead of /opt/venv and /app

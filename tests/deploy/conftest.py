@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.runtime.registry import SERVICES
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cbec"
 TOOLS_BIN = Path(os.environ.get("CBEC_TOOLS_DIR", ROOT / "build" / "tools")) / "bin"
@@ -29,7 +31,7 @@ INSTALLERS = {
     "prometheus": "install-promtool.sh",
     "rclone": "install-rclone.sh",
 }
-MODEL_SERVICES = ("recommender", "chat", "sentiment", "vision", "risk")
+MODEL_SERVICES = SERVICES["gateway"].calls  # the services behind the gateway (services/runtime/registry.py)
 ALL_SERVICES = ("gateway", *MODEL_SERVICES)
 
 

@@ -72,11 +72,13 @@ def scaleout_values(pg: PostgresServer, pg_url: str, redis: RedisServer, replica
         "replicas": replicas,
         "preStopSleepSeconds": 0,
         "gracePeriodSeconds": 5,
-        "env": {"CBEC_ENV": "prod"},
-        "secretEnv": [{"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}],
+        "env": {"CBEC_GATEWAY_ENV": "prod"},
+        "secretEnv": [
+            {"name": "CBEC_GATEWAY_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}
+        ],
     }
     # Chat without an LLM; its anger check may take longer than 0.3 s here (every pod on 2 cores).
-    services["chat"]["env"] = {"CBEC_LLM_BACKEND": "none", "CBEC_SENTIMENT_TIMEOUT_S": 2}
+    services["chat"]["env"] = {"CBEC_CHAT_LLM_BACKEND": "none", "CBEC_CHAT_SENTIMENT_TIMEOUT_S": 2}
     # A training Job for risk (small and fast here), and serving pods that look for new versions often.
     services["risk"]["training"] = {
         "enabled": True,
@@ -579,15 +581,15 @@ def running_embedded(startup_timeout: float = 300.0) -> Iterator[Suite]:
         build_all(models, work / "model-work")
         prepare_models_dir(models)
         keys = Keys(shop=secrets.token_urlsafe(32), limited=secrets.token_urlsafe(32))
-        gateway = {"env": {"CBEC_ENV": "prod"}, "preStopSleepSeconds": 0, "gracePeriodSeconds": 5}
+        gateway = {"env": {"CBEC_GATEWAY_ENV": "prod"}, "preStopSleepSeconds": 0, "gracePeriodSeconds": 5}
         gateway["secretEnv"] = [
-            {"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}
+            {"name": "CBEC_GATEWAY_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys"}
         ]
         values = {
             "state": {"backend": "embedded"},
             "services": {
                 **{name: {"preStopSleepSeconds": 0, "gracePeriodSeconds": 5} for name in STATEFUL},
-                "chat": {"env": {"CBEC_LLM_BACKEND": "none"}, "preStopSleepSeconds": 0},
+                "chat": {"env": {"CBEC_CHAT_LLM_BACKEND": "none"}, "preStopSleepSeconds": 0},
                 "gateway": gateway,
             },
         }

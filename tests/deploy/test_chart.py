@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.runtime import registry
 from services.runtime.config import DEFAULT_PORTS
 from tests.deploy.conftest import (
     ALL_SERVICES,
@@ -69,7 +70,9 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "services": {
             "vision": {"gpu": {"count": 2}},
             "gateway": {
-                "secretEnv": [{"name": "CBEC_API_KEYS_SHA256", "secretName": "gw-keys", "key": "keys"}],
+                "secretEnv": [
+                    {"name": "CBEC_GATEWAY_API_KEYS_SHA256", "secretName": "gw-keys", "key": "keys"}
+                ],
                 "secretMounts": [{"name": "jwt", "secretName": "cbec-jwt", "mountPath": "/etc/cbec/jwt"}],
             },
         },
@@ -93,12 +96,16 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "services": {
             "gateway": {
                 "secretEnv": [
-                    {"name": "CBEC_API_KEYS_SHA256", "secretName": "cbec-gateway-keys", "key": "keys.json"}
+                    {
+                        "name": "CBEC_GATEWAY_API_KEYS_SHA256",
+                        "secretName": "cbec-gateway-keys",
+                        "key": "keys.json",
+                    }
                 ],
                 "secretMounts": [
                     {"name": "keys", "secretName": "cbec-gateway-keys", "mountPath": "/etc/cbec/keys"}
                 ],
-                "env": {"CBEC_ENV": "prod", "CBEC_API_KEYS_FILE": "/etc/cbec/keys/keys.json"},
+                "env": {"CBEC_GATEWAY_ENV": "prod", "CBEC_GATEWAY_API_KEYS_FILE": "/etc/cbec/keys/keys.json"},
             }
         }
     },
@@ -471,7 +478,7 @@ def test_network_policies_let_only_the_gateway_reach_the_services(combos: dict[s
         assert policy["policyTypes"] == ["Ingress", "Egress"]
         grpc_rule, metrics_rule = policy["ingress"]
         assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-        callers = ["gateway", "chat"] if name == "sentiment" else ["gateway"]  # chat's anger check
+        callers = sorted(registry.callers(name))  # the gateway; for sentiment also chat (anger check)
         assert len(grpc_rule["from"]) == len(callers)
         for peer, caller in zip(grpc_rule["from"], callers, strict=True):
             assert peer["podSelector"]["matchLabels"].items() <= labels[caller].items()
@@ -535,14 +542,21 @@ def test_models_from_an_object_store_through_an_init_container(combos: dict[str,
 
 def test_secrets_come_from_kubernetes_secrets_never_values(combos: dict[str, Rendered]) -> None:
     gateway = container(combos["everything"].deployment("gateway"))
-    assert env_of(gateway)["CBEC_API_KEYS_SHA256"] == {"secretKeyRef": {"name": "gw-keys", "key": "keys"}}
+    assert env_of(gateway)["CBEC_GATEWAY_API_KEYS_SHA256"] == {
+        "secretKeyRef": {"name": "gw-keys", "key": "keys"}
+    }
     assert {"name": "secret-jwt", "mountPath": "/etc/cbec/jwt", "readOnly": True} in gateway["volumeMounts"]
     volumes = combos["everything"].deployment("gateway")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "secret-jwt", "secret": {"secretName": "cbec-jwt", "defaultMode": 0o440}} in volumes
-    assert env_of(gateway)["CBEC_ENV"] == "prod"
-    ok = helm_template({"services": {"gateway": {"env": {"CBEC_API_KEYS_FILE": "/etc/cbec/keys/keys.json"}}}})
-    assert env_of(container(ok.deployment("gateway")))["CBEC_API_KEYS_FILE"] == "/etc/cbec/keys/keys.json"
-    for bad_env in ({"CBEC_DEV_API_KEY": "abc"}, {"STRIPE_SECRET": "x"}, {"DB_PASSWORD": "x"}):
+    assert env_of(gateway)["CBEC_GATEWAY_ENV"] == "prod"
+    ok = helm_template(
+        {"services": {"gateway": {"env": {"CBEC_GATEWAY_API_KEYS_FILE": "/etc/cbec/keys/keys.json"}}}}
+    )
+    assert (
+        env_of(container(ok.deployment("gateway")))["CBEC_GATEWAY_API_KEYS_FILE"]
+        == "/etc/cbec/keys/keys.json"
+    )
+    for bad_env in ({"CBEC_GATEWAY_DEV_API_KEY": "abc"}, {"STRIPE_SECRET": "x"}, {"DB_PASSWORD": "x"}):
         with pytest.raises(RenderError, match=f"env/{next(iter(bad_env))}"):
             helm_template({"services": {"gateway": {"env": bad_env}}})
 
@@ -580,7 +594,10 @@ def test_a_new_service_is_one_values_block() -> None:
     for kind in ("Service", "PodDisruptionBudget"):
         rendered.get(kind, "shop-cbec-translate")
     gateway_env = env_of(container(rendered.deployment("gateway")))
-    assert gateway_env["CBEC_TRANSLATE_ADDRESS"] == "dns:///shop-cbec-translate.cbec.svc.cluster.local:50060"
+    assert (
+        gateway_env["CBEC_GATEWAY_TRANSLATE_ADDR"]
+        == "dns:///shop-cbec-translate.cbec.svc.cluster.local:50060"
+    )
     rules = next(c for c in rendered.of_kind("ConfigMap") if "cbec-alerts.yaml" in c["data"])["data"][
         "cbec-alerts.yaml"
     ]
@@ -592,7 +609,7 @@ def test_a_disabled_service_leaves_nothing_behind() -> None:
         {"services": {"chat": {"enabled": False}}, "monitoring": {"rulesConfigMap": {"enabled": True}}}
     )
     assert not [d for d in rendered.docs if d["metadata"]["name"] == "shop-cbec-chat"]
-    assert "CBEC_CHAT_ADDRESS" not in env_of(container(rendered.deployment("gateway")))
+    assert "CBEC_GATEWAY_CHAT_ADDR" not in env_of(container(rendered.deployment("gateway")))
     rules = next(c for c in rendered.of_kind("ConfigMap") if "cbec-alerts.yaml" in c["data"])["data"][
         "cbec-alerts.yaml"
     ]
@@ -604,7 +621,10 @@ def test_gateway_reaches_every_backend_through_its_headless_service(default_char
     for name in MODEL_SERVICES:
         svc = default_chart.get("Service", f"shop-cbec-{name}")
         port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-        assert env[f"CBEC_{name.upper()}_ADDRESS"] == f"dns:///shop-cbec-{name}.cbec.svc.cluster.local:{port}"
+        assert (
+            env[f"CBEC_GATEWAY_{name.upper()}_ADDR"]
+            == f"dns:///shop-cbec-{name}.cbec.svc.cluster.local:{port}"
+        )
 
 
 def test_service_env_overrides_and_explicit_false_survive_the_merge() -> None:

@@ -64,7 +64,7 @@ def server() -> Rendered:
 
 def test_in_process_by_default(default_chart: Rendered) -> None:
     env = env_of(default_chart.deployment("chat"))
-    assert not [name for name in env if name.startswith("CBEC_LLM_")]
+    assert not [name for name in env if name.startswith("CBEC_CHAT_LLM_")]
     assert llm_objects(default_chart) == []
 
 
@@ -72,15 +72,15 @@ def test_external_endpoint_with_the_key_from_a_secret(
     external: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = env_of(external.deployment("chat"))
-    assert env["CBEC_LLM_BACKEND"] == "openai"
-    assert env["CBEC_LLM_URL"] == "https://llm.example.com/v1"
-    assert env["CBEC_LLM_MODEL"] == "qwen2.5-7b-instruct"
-    assert env["CBEC_LLM_TIMEOUT_S"] == "12.5"
-    assert env["CBEC_LLM_API_KEY"] == {"secretKeyRef": {"name": "cbec-llm", "key": "token"}}
+    assert env["CBEC_CHAT_LLM_BACKEND"] == "openai"
+    assert env["CBEC_CHAT_LLM_URL"] == "https://llm.example.com/v1"
+    assert env["CBEC_CHAT_LLM_MODEL"] == "qwen2.5-7b-instruct"
+    assert env["CBEC_CHAT_LLM_TIMEOUT_S"] == "12.5"
+    assert env["CBEC_CHAT_LLM_API_KEY"] == {"secretKeyRef": {"name": "cbec-llm", "key": "token"}}
     assert llm_objects(external) == []  # nothing to run in the release
     # The rendered variables are what chat's settings read (the Secret's value as the kubelet gives it).
     for name, value in env.items():
-        if name.startswith("CBEC_LLM_"):
+        if name.startswith("CBEC_CHAT_LLM_"):
             monkeypatch.setenv(name, value if isinstance(value, str) else "the-secret-value")
     settings = ChatSettings()
     assert (settings.llm_backend, settings.llm_url, settings.llm_model) == (
@@ -91,14 +91,14 @@ def test_external_endpoint_with_the_key_from_a_secret(
     assert settings.llm_timeout_s == 12.5
     assert settings.llm_api_key.get_secret_value() == "the-secret-value"
     # The service's own env still wins over the llm block.
-    override = helm_template({**EXTERNAL, "services": {"chat": {"env": {"CBEC_LLM_TIMEOUT_S": "60"}}}})
-    assert env_of(override.deployment("chat"))["CBEC_LLM_TIMEOUT_S"] == "60"
+    override = helm_template({**EXTERNAL, "services": {"chat": {"env": {"CBEC_CHAT_LLM_TIMEOUT_S": "60"}}}})
+    assert env_of(override.deployment("chat"))["CBEC_CHAT_LLM_TIMEOUT_S"] == "60"
 
 
 def test_no_key_secret_means_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {"llm": {"mode": "external", "external": {"url": "http://vllm.ml.svc:8000/v1"}}}
     env = env_of(helm_template(values).deployment("chat"))
-    assert env["CBEC_LLM_URL"] == "http://vllm.ml.svc:8000/v1" and "CBEC_LLM_API_KEY" not in env
+    assert env["CBEC_CHAT_LLM_URL"] == "http://vllm.ml.svc:8000/v1" and "CBEC_CHAT_LLM_API_KEY" not in env
 
 
 def test_llm_server_on_a_gpu_node_that_only_chat_reaches(server: Rendered) -> None:
@@ -108,8 +108,8 @@ def test_llm_server_on_a_gpu_node_that_only_chat_reaches(server: Rendered) -> No
         ("Service", "shop-cbec-llm"),
     ]
     chat = env_of(server.deployment("chat"))
-    assert chat["CBEC_LLM_BACKEND"] == "openai" and chat["CBEC_LLM_URL"] == SERVER_URL
-    assert chat["CBEC_LLM_API_KEY"] == {"secretKeyRef": {"name": "cbec-llm", "key": "api-key"}}
+    assert chat["CBEC_CHAT_LLM_BACKEND"] == "openai" and chat["CBEC_CHAT_LLM_URL"] == SERVER_URL
+    assert chat["CBEC_CHAT_LLM_API_KEY"] == {"secretKeyRef": {"name": "cbec-llm", "key": "api-key"}}
     dep = server.get("Deployment", "shop-cbec-llm")
     pod = dep["spec"]["template"]["spec"]
     c = container(dep)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from services.runtime.registry import SERVICES
 from tests.deploy.conftest import ALL_SERVICES, MODEL_SERVICES, Rendered, helm_template
 
 NS = "cbec"
@@ -219,9 +220,14 @@ class Expect:
                 out |= {(src.name, s.name, "grpc") for s in services if s.name != "gateway"}
             if self.metrics_from(src):
                 out |= {(src.name, s.name, "metrics") for s in services}
-        out |= {("gateway", s.name, "grpc") for s in services if s.name != "gateway"}
-        if "chat" in by_name and "sentiment" in by_name:
-            out.add(("chat", "sentiment", "grpc"))
+        # Each service reaches exactly the services the registry says it calls (those that are enabled).
+        out |= {
+            (caller, upstream, "grpc")
+            for caller in by_name
+            if caller in SERVICES
+            for upstream in SERVICES[caller].calls
+            if upstream in by_name
+        }
         for c in clients:
             out |= {(c.name, "kube-dns", "dns-udp"), (c.name, "kube-dns", "dns-tcp")}
             if self.stores == "bundled":

@@ -292,10 +292,15 @@ def test_state_env_names_per_container(renders: dict[str, Rendered]) -> None:
     tls_client = {"CBEC_BACKEND_TLS_CA_FILE", "CBEC_BACKEND_TLS_CERT_FILE", "CBEC_BACKEND_TLS_KEY_FILE"}
     expected = {
         "gateway": serving
-        | {"CBEC_HTTP_HOST", "CBEC_HTTP_PORT", "CBEC_ENV", "CBEC_RATE_LIMIT_REPLICAS"}
-        | {f"CBEC_{s.upper()}_ADDRESS" for s in MODEL_SERVICES}
+        | {
+            "CBEC_GATEWAY_HTTP_HOST",
+            "CBEC_GATEWAY_HTTP_PORT",
+            "CBEC_GATEWAY_ENV",
+            "CBEC_GATEWAY_RATE_LIMIT_REPLICAS",
+        }
+        | {f"CBEC_GATEWAY_{s.upper()}_ADDR" for s in MODEL_SERVICES}
         | tls_client,
-        "chat": serving | model | {"CBEC_SENTIMENT_ADDR"} | tls_server | tls_client,
+        "chat": serving | model | {"CBEC_CHAT_SENTIMENT_ADDR"} | tls_server | tls_client,
         **{s: serving | model | tls_server for s in ("recommender", "sentiment", "vision", "risk")},
     }
     for name, names in expected.items():
@@ -319,21 +324,21 @@ def test_model_polling_follows_training(renders: dict[str, Rendered]) -> None:
 
 def test_chat_reaches_sentiment_through_its_headless_service(renders: dict[str, Rendered]) -> None:
     rendered = renders["default"]
-    addr = env_of(container(rendered.deployment("chat")))["CBEC_SENTIMENT_ADDR"]
+    addr = env_of(container(rendered.deployment("chat")))["CBEC_CHAT_SENTIMENT_ADDR"]
     svc = rendered.get("Service", "shop-cbec-sentiment")
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
     assert addr == f"dns:///shop-cbec-sentiment.cbec.svc.cluster.local:{port}"
     assert svc["spec"]["clusterIP"] == "None"
     # the same form as the gateway's address for sentiment
-    assert addr == env_of(container(rendered.deployment("gateway")))["CBEC_SENTIMENT_ADDRESS"]
+    assert addr == env_of(container(rendered.deployment("gateway")))["CBEC_GATEWAY_SENTIMENT_ADDR"]
     other = helm_template(
         {"clusterDomain": "k8s.internal", "services": {"sentiment": {"grpcPort": 6000}}}, namespace="shop"
     )
-    assert env_of(container(other.deployment("chat")))["CBEC_SENTIMENT_ADDR"] == (
+    assert env_of(container(other.deployment("chat")))["CBEC_CHAT_SENTIMENT_ADDR"] == (
         "dns:///shop-cbec-sentiment.shop.svc.k8s.internal:6000"
     )
     without = helm_template({"services": {"sentiment": {"enabled": False}}})
-    assert "CBEC_SENTIMENT_ADDR" not in env_of(container(without.deployment("chat")))
+    assert "CBEC_CHAT_SENTIMENT_ADDR" not in env_of(container(without.deployment("chat")))
 
 
 def test_passwords_only_from_secret_key_refs(renders: dict[str, Rendered]) -> None:

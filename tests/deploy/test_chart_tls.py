@@ -94,7 +94,7 @@ def test_the_cluster_domain_and_namespace_are_in_the_names() -> None:
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "shop-cbec-vision.shop-prod.svc.corp.internal" in names.get_values_for_type(x509.DNSName)
     env = env_of(container(rendered.deployment("gateway")))
-    assert env["CBEC_VISION_ADDRESS"] == "dns:///shop-cbec-vision.shop-prod.svc.corp.internal:50054"
+    assert env["CBEC_GATEWAY_VISION_ADDR"] == "dns:///shop-cbec-vision.shop-prod.svc.corp.internal:50054"
 
 
 async def test_the_rendered_certificates_work_for_grpc_mutual_tls(default_chart: Rendered) -> None:
@@ -180,7 +180,7 @@ def test_every_serving_container_gets_its_certificate_and_the_token(default_char
         }
         if name == "gateway":  # its ports are the public API: no client certificates asked of shoppers
             assert not set(server) & set(env)
-            assert env["CBEC_HTTP_HOST"] == "0.0.0.0"
+            assert env["CBEC_GATEWAY_HTTP_HOST"] == "0.0.0.0"
         else:
             assert server.items() <= env.items(), name
         if name in ("gateway", "chat"):  # the callers: the gateway, and chat of sentiment
@@ -190,7 +190,8 @@ def test_every_serving_container_gets_its_certificate_and_the_token(default_char
         annotations = default_chart.deployment(name)["spec"]["template"]["metadata"]["annotations"]
         assert len(annotations["checksum/credentials"]) == 64
     chat = env_of(container(default_chart.deployment("chat")))
-    assert chat["CBEC_SENTIMENT_ADDR"] == f"dns:///{dns_names('sentiment')[-1]}:50053"  # the name checked
+    # the name checked
+    assert chat["CBEC_CHAT_SENTIMENT_ADDR"] == f"dns:///{dns_names('sentiment')[-1]}:50053"
     # without sentiment, chat calls no service: no client certificate
     alone = helm_template({"services": {"sentiment": {"enabled": False}}})
     assert "CBEC_BACKEND_TLS_CERT_FILE" not in env_of(container(alone.deployment("chat")))

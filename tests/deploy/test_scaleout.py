@@ -55,7 +55,7 @@ def test_pods_run_as_the_chart_says(suite: Suite) -> None:
             )
     chat = suite.pods("chat")[0]
     sentiment = suite.pods("sentiment")
-    target = chat.env["CBEC_SENTIMENT_ADDR"]  # the Service's name, resolved by the harness's DNS
+    target = chat.env["CBEC_CHAT_SENTIMENT_ADDR"]  # the Service's name, resolved by the harness's DNS
     assert target == f"dns://{suite.cluster.dns.address}/{sentiment[0].service_host}:50053", target
     assert set(suite.cluster.dns.table[sentiment[0].service_host]) == {p.ip for p in sentiment}
     # Certificates and the token: files of the pod's read-only Secret volumes, as the kubelet writes them.

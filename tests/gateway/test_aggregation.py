@@ -20,6 +20,8 @@ from tests.gateway.conftest import AUTH
 ORDER = risk_pb2.Transaction(
     transaction_id="t-1",
     user_id="u-42",
+    card_fingerprint="card-9",
+    occurred_time={"seconds": int(time.time()) - 300},
     ip_country="BR",
     billing_country="DE",
     shipping_country="DE",
@@ -128,8 +130,8 @@ async def test_partial_result_when_a_backend_is_down(stub: Any, backends: Any) -
 async def test_backend_deadline_derives_from_the_callers(
     stub: Any, recorder: Recorder, make_gateway: Any
 ) -> None:
-    await stub.GetProductPage(
-        gateway_pb2.GetProductPageRequest(product_id="sku-003"), metadata=AUTH, timeout=0.8
+    await stub.GetProductPage(  # with a user, so that all three backends are called
+        gateway_pb2.GetProductPageRequest(product_id="sku-003", user_id="u-1"), metadata=AUTH, timeout=0.8
     )
     remaining = [c.time_remaining for c in recorder.calls]
     assert len(remaining) == 3 and all(r is not None and 0.5 < r < 0.8 for r in remaining), remaining
@@ -186,7 +188,12 @@ async def test_assess_order_fails_closed_without_risk(
 
 async def test_assess_order_invalid_order_names_the_callers_fields(stub: Any) -> None:
     bad = risk_pb2.Transaction(transaction_id="t-2", amount=-5, currency="euro")
-    with pytest.raises(grpc.aio.AioRpcError) as err:
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # REQUIRED fields: the gateway's runtime
+        await stub.AssessOrder(gateway_pb2.AssessOrderRequest(order=bad), metadata=AUTH, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {f for f, _ in field_violations(err.value)} == {"order.card_fingerprint", "order.occurred_time"}
+    bad.MergeFrom(risk_pb2.Transaction(card_fingerprint="card-1", occurred_time=ORDER.occurred_time))
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # the rest: risk's, renamed to the caller's fields
         await stub.AssessOrder(gateway_pb2.AssessOrderRequest(order=bad), metadata=AUTH, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {f for f, _ in field_violations(err.value)} == {"order.amount", "order.currency"}

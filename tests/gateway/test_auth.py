@@ -187,7 +187,7 @@ async def test_dev_key_only_in_dev(make_gateway: Any) -> None:
 
 
 def test_prod_without_credentials_refuses_to_start() -> None:
-    with pytest.raises(ValidationError, match="CBEC_ENV=prod needs"):
+    with pytest.raises(ValidationError, match="CBEC_GATEWAY_ENV=prod needs"):
         GatewaySettings(env="prod", api_keys_file=None, jwt_secret_file=None)
 
 
@@ -233,15 +233,17 @@ async def test_jwt_signed_with_a_private_key(tmp_path: Path, make_gateway: Any) 
 async def test_keys_and_addresses_from_the_helm_chart_variables(
     monkeypatch: pytest.MonkeyPatch, backends: Any, make_gateway: Any
 ) -> None:
-    """The chart sets CBEC_<SERVICE>_ADDRESS and puts the keys document in CBEC_API_KEYS_SHA256."""
+    """The chart sets CBEC_GATEWAY_<SERVICE>_ADDR and puts the keys document in
+    CBEC_GATEWAY_API_KEYS_SHA256."""
     document = json.dumps(
         {"keys": [{"id": "chart", "sha256": hash_key("chart-key-0123456789"), "scopes": ["risk"]}]}
     )
-    monkeypatch.setenv("CBEC_RISK_ADDRESS", f"127.0.0.1:{backends['risk'].grpc_port}")
+    monkeypatch.setenv("CBEC_GATEWAY_RISK_ADDR", f"127.0.0.1:{backends['risk'].grpc_port}")
     settings = GatewaySettings(env="prod", api_keys_sha256=document)
     assert settings.risk_addr == f"127.0.0.1:{backends['risk'].grpc_port}"
     gw = await make_gateway(api_keys_file=None, jwt_secret_file=None, api_keys_sha256=document)
-    tx = {"transactionId": "t", "amount": 3, "currency": "EUR"}
+    tx = {"transactionId": "t", "cardFingerprint": "c", "occurredTime": "2026-01-01T00:00:00Z", "amount": 3,
+          "currency": "EUR"}  # fmt: skip
     status, body, _ = await post(
         gw, {"x-api-key": "chart-key-0123456789"}, "/v1/risk/score", {"transaction": tx}
     )

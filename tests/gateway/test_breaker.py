@@ -16,14 +16,14 @@ from gateway.backends import (
     SUCCESS,
     TRANSPORT_FAILURE,
     Backend,
-    retry_service_config,
 )
-from gateway.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 from gateway.config import GatewaySettings
 from gateway.descriptors import RouteTable
 from gateway.errors import CLIENT_ERRORS, is_load_shedding
 from gateway.fairness import FairShare, FairShareExceeded
 from gateway.metrics import GatewayMetrics
+from services.runtime.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
+from services.runtime.channel import service_config
 
 Code = grpc.StatusCode
 
@@ -258,7 +258,7 @@ def test_a_streams_deadline_is_its_clients(risk: Any) -> None:
 def test_shed_calls_are_retried_within_the_budget() -> None:
     settings = GatewaySettings(env="dev", metrics_enabled=False)
     routes = RouteTable.load()
-    config = retry_service_config(settings, list(routes.methods.values()))
+    config = service_config(settings, {m.service.full_name for m in routes.methods.values() if not m.local})
     policy = config["methodConfig"][0]["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert config["retryThrottling"]["maxTokens"] == settings.retry_throttle_max_tokens

@@ -20,6 +20,7 @@ from tests.gateway.conftest import FULL_KEY
 TX = {
     "transactionId": "t-9",
     "userId": "u-42",
+    "cardFingerprint": "card-9",
     "ipCountry": "BR",
     "billingCountry": "DE",
     "amount": 129.9,
@@ -83,7 +84,9 @@ async def test_unary_calls_reach_every_service(http: aiohttp.ClientSession, reco
     async with http.get("/v1/vision/index/stats") as resp:
         body = await resp.json()
         assert resp.status == 200 and body["size"] == "40"  # int64 is a string in proto3 JSON
-    async with http.post("/v1/chat/product-copy", json={"product": {"name": "Wool scarf"}}) as resp:
+    async with http.post(
+        "/v1/chat/product-copy", json={"product": {"name": "Wool scarf"}, "targetLanguage": "en"}
+    ) as resp:
         body = await resp.json()
         assert resp.status == 200 and body["generator"] == "COPY_GENERATOR_TEMPLATE"
     async with http.delete("/v1/recommender/users/u-1") as resp:
@@ -282,6 +285,10 @@ async def test_routing_errors(http: aiohttp.ClientSession) -> None:
         assert (await resp.json())["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
 
 
+# A valid event (the contract requires at least one, with item_id and type), so the call reaches it.
+INTERACTION = {"userId": "u-1", "itemId": "sku-001", "type": "INTERACTION_TYPE_VIEW"}
+
+
 @pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK])
 async def test_grpc_codes_map_to_http_statuses(
     make_gateway: Any, recorder: Recorder, code: grpc.StatusCode
@@ -290,7 +297,7 @@ async def test_grpc_codes_map_to_http_statuses(
     recorder.fail("RecordInteractions", code)  # not idempotent, so never retried
     async with (
         aiohttp.ClientSession(base_url=gw.http_url, headers={"x-api-key": FULL_KEY}) as http,
-        http.post("/v1/recommender/interactions", json={}) as resp,
+        http.post("/v1/recommender/interactions", json={"interactions": [INTERACTION]}) as resp,
     ):
         body = await resp.json()
     assert resp.status == HTTP_STATUS[code]
@@ -298,7 +305,7 @@ async def test_grpc_codes_map_to_http_statuses(
 
 
 async def test_backend_not_found_keeps_its_message(http: aiohttp.ClientSession) -> None:
-    async with http.post("/v1/recommender/similar-items", json={"itemId": "nope"}) as resp:
+    async with http.post("/v1/recommender/similar-items", json={"itemId": "nope", "k": 1}) as resp:
         body = await resp.json()
         assert resp.status == 404 and body["message"] == "unknown item 'nope'"
 
@@ -308,7 +315,8 @@ async def test_backend_down_is_503_and_hang_is_504(
 ) -> None:
     recorder.delay("Analyze", 30)
     headers = {"grpc-timeout": "300m"}
-    async with http.post("/v1/sentiment/analyze", json={"texts": []}, headers=headers) as resp:
+    texts = {"texts": [{"id": "a", "text": "fine"}]}
+    async with http.post("/v1/sentiment/analyze", json=texts, headers=headers) as resp:
         body = await resp.json()
         assert resp.status == 504 and body["code"] == 4
     async with http.post("/v1/sentiment/analyze", json={}, headers={"grpc-timeout": "soon"}) as resp:
@@ -383,7 +391,7 @@ async def test_readiness_reflects_backend_health(gw: Any, backends: Any, make_ga
 async def test_metrics_cover_backends_breakers_and_http(make_gateway: Any) -> None:
     gw = await make_gateway(metrics_enabled=True, metrics_port=0)
     async with aiohttp.ClientSession(base_url=gw.http_url, headers={"x-api-key": FULL_KEY}) as http:
-        async with http.post("/v1/recommender/recommend", json={"userId": "u-1"}) as resp:
+        async with http.post("/v1/recommender/recommend", json={"userId": "u-1", "k": 1}) as resp:
             assert resp.status == 200
         async with http.get(f"http://127.0.0.1:{gw.server.metrics_port}/metrics") as resp:
             text = await resp.text()

@@ -298,7 +298,7 @@ async def test_a_client_that_leaves_is_logged_at_info_and_not_a_5xx(
 ) -> None:
     caplog.set_level(logging.INFO)
     recorder.delay("Recommend", 5.0)
-    body = json.dumps({"userId": "u-1"}).encode()
+    body = json.dumps({"userId": "u-1", "k": 1}).encode()
     _reader, writer = await asyncio.open_connection("127.0.0.1", gw.service.http_port)
     writer.write(
         b"POST /v1/recommender/recommend HTTP/1.1\r\nHost: t\r\n"

@@ -157,7 +157,8 @@ async def test_body_user_ids_are_checked_and_filled_from_the_credentials(
     status, body = await call(gw, "POST", "/v1/recommender/recommend", key(SHOPPER_1), {"userId": "u-1002"})
     assert status == 403 and violations(body) == ["user_id"]
     # Nested and repeated fields too: the risk transaction's user.
-    tx = {"transactionId": "t-1", "amount": 10, "currency": "EUR", "occurredTime": "2026-01-01T00:00:00Z"}
+    tx = {"transactionId": "t-1", "cardFingerprint": "c-1", "amount": 10, "currency": "EUR",
+          "occurredTime": "2026-01-01T00:00:00Z"}  # fmt: skip
     status, body = await call(
         gw, "POST", "/v1/risk/score", key(SHOPPER_1), {"transaction": {**tx, "userId": "u-9"}}
     )

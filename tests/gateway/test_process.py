@@ -12,16 +12,14 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.config import DEV_API_KEY
+from gateway.config import BACKENDS, DEV_API_KEY
 from services.runtime.probe import wait_serving
+from services.runtime.registry import SERVICES
 from tests.gateway.conftest import ROOT, free_port
 
 
 def start(env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
-    dead = {
-        f"CBEC_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}"
-        for name in ("recommender", "chat", "sentiment", "vision", "risk")
-    }
+    dead = {SERVICES["gateway"].address_env(name): f"127.0.0.1:{free_port()}" for name in BACKENDS}
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CBEC_")},
         "CBEC_HOST": "127.0.0.1",
@@ -43,7 +41,12 @@ def start(env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
 async def test_gateway_process_without_backends(tmp_path: Path) -> None:
     grpc_port, http_port = free_port(), free_port()
     proc = start(
-        {"CBEC_ENV": "dev", "CBEC_GRPC_PORT": str(grpc_port), "CBEC_HTTP_PORT": str(http_port)}, tmp_path
+        {
+            "CBEC_GATEWAY_ENV": "dev",
+            "CBEC_GRPC_PORT": str(grpc_port),
+            "CBEC_GATEWAY_HTTP_PORT": str(http_port),
+        },
+        tmp_path,
     )
     try:
         assert await wait_serving(f"127.0.0.1:{grpc_port}", timeout=30), "gateway never reported SERVING"
@@ -55,7 +58,7 @@ async def test_gateway_process_without_backends(tmp_path: Path) -> None:
                 assert resp.status == 503 and {b["health"] for b in body["backends"].values()} == {
                     "UNREACHABLE"
                 }
-            headers = {"x-api-key": DEV_API_KEY}  # CBEC_ENV=dev, as make run sets it
+            headers = {"x-api-key": DEV_API_KEY}  # CBEC_GATEWAY_ENV=dev, as make run sets it
             async with http.post(
                 "/v1/gateway/product-page", json={"productId": "p-1"}, headers=headers
             ) as resp:
@@ -85,10 +88,10 @@ async def test_gateway_process_without_backends(tmp_path: Path) -> None:
 
 
 def test_prod_without_credentials_exits_2_naming_the_variable(tmp_path: Path) -> None:
-    proc = start({"CBEC_ENV": "prod", "CBEC_GRPC_PORT": "0", "CBEC_HTTP_PORT": "0"}, tmp_path)
+    proc = start({"CBEC_GATEWAY_ENV": "prod", "CBEC_GRPC_PORT": "0", "CBEC_GATEWAY_HTTP_PORT": "0"}, tmp_path)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert "CBEC_ENV=prod needs CBEC_API_KEYS_FILE" in stderr and "Traceback" not in stderr
+    assert "CBEC_GATEWAY_ENV=prod needs CBEC_GATEWAY_API_KEYS_FILE" in stderr and "Traceback" not in stderr
 
 
 def test_busy_http_port_exits_1(tmp_path: Path) -> None:
@@ -98,6 +101,8 @@ def test_busy_http_port_exits_1(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = start({"CBEC_ENV": "dev", "CBEC_GRPC_PORT": "0", "CBEC_HTTP_PORT": str(port)}, tmp_path)
+        proc = start(
+            {"CBEC_GATEWAY_ENV": "dev", "CBEC_GRPC_PORT": "0", "CBEC_GATEWAY_HTTP_PORT": str(port)}, tmp_path
+        )
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"cannot bind HTTP port 127.0.0.1:{port}" in stderr

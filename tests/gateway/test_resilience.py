@@ -13,7 +13,7 @@ import pytest
 from cbec.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from cbec.risk.v1 import risk_pb2
 
-from gateway.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
+from services.runtime.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 from tests.gateway.backends import Recorder, make_server
 from tests.gateway.certs import make_pki
 from tests.gateway.conftest import AUTH, FULL_KEY
@@ -50,7 +50,7 @@ async def test_non_idempotent_call_is_not_retried(gw: Any, recorder: Recorder) -
 
 async def test_non_retryable_code_is_not_retried(gw: Any, recorder: Recorder) -> None:
     recorder.fail("Recommend", grpc.StatusCode.INVALID_ARGUMENT, times=1)
-    status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+    status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1", "k": 1})
     assert status == 400 and len(recorder.of("Recommend")) == 1
 
 
@@ -58,7 +58,7 @@ async def test_retry_budget_stops_a_retry_storm(make_gateway: Any, recorder: Rec
     gw = await make_gateway(breaker_failure_threshold=10_000)
     recorder.fail("Recommend", UNAVAILABLE)
     for _ in range(30):
-        status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+        status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1", "k": 1})
         assert status == 503
     attempts = len(recorder.of("Recommend"))
     # 3 attempts per call without a budget would be 90; the throttle lets only a handful through
@@ -112,7 +112,13 @@ def test_breaker_half_open_lets_one_trial_through() -> None:
 
 # --- TLS / mTLS to the backends -------------------------------------------------------------------
 ORDER = gateway_pb2.AssessOrderRequest(
-    order=risk_pb2.Transaction(transaction_id="t", amount=10, currency="EUR")
+    order=risk_pb2.Transaction(
+        transaction_id="t",
+        card_fingerprint="c",
+        amount=10,
+        currency="EUR",
+        occurred_time={"seconds": 1_790_000_000},
+    )
 )
 
 
@@ -221,6 +227,7 @@ async def test_chaos_kill_and_restart_a_backend_under_load(backend_process: Any,
 TX = {
     "transactionId": "t-9",
     "userId": "u-42",
+    "cardFingerprint": "card-9",
     "ipCountry": "BR",
     "billingCountry": "DE",
     "amount": 129.9,
@@ -264,11 +271,11 @@ async def test_client_errors_never_open_the_breaker(make_gateway: Any, recorder:
     for code, http_status in client_errors:
         recorder.fail("Recommend", code)
         for _ in range(4):
-            status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+            status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1", "k": 1})
             assert status == http_status, code
         assert gw.service.backends["recommender"].breaker.state == CLOSED, code
     recorder.clear()
-    status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+    status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1", "k": 1})
     assert status == 200
 
 
@@ -368,7 +375,7 @@ async def test_a_shedding_backend_trips_only_its_own_breaker(
         backends = gw.service.backends
         assert backends["sentiment"].breaker.state == OPEN
         assert all(backends[n].breaker.state == CLOSED for n in ("recommender", "risk", "vision", "chat"))
-        status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1"})
+        status, _, _ = await call(gw, "/v1/recommender/recommend", {"userId": "u-1", "k": 1})
         assert status == 200
         status, _, _ = await busy
         assert status == 200
@@ -383,7 +390,9 @@ async def test_the_gateways_own_rate_limit_is_no_backend_failure(
 
     gw = await make_gateway(breaker_failure_threshold=1)
     statuses = [
-        (await post_as(gw, {"x-api-key": SLOW_KEY}, "/v1/recommender/recommend", {"userId": "u-1"}))[0]
+        (await post_as(gw, {"x-api-key": SLOW_KEY}, "/v1/recommender/recommend", {"userId": "u-1", "k": 1}))[
+            0
+        ]
         for _ in range(8)
     ]
     assert 429 in statuses and set(statuses) <= {200, 429}
@@ -400,10 +409,11 @@ async def test_fair_share_refuses_the_greedy_key_while_another_key_gets_through(
     recommender = gw.service.backends["recommender"]
     recorder.delay("Recommend", 2.0)
     greedy = [
-        asyncio.create_task(call(gw, "/v1/recommender/recommend", {"userId": f"u-{i}"})) for i in range(2)
+        asyncio.create_task(call(gw, "/v1/recommender/recommend", {"userId": f"u-{i}", "k": 1}))
+        for i in range(2)
     ]
     await eventually(lambda: len(recorder.of("Recommend")) == 2, "the greedy key fills the backend")
-    status, body, headers = await call(gw, "/v1/recommender/recommend", {"userId": "u-3"})
+    status, body, headers = await call(gw, "/v1/recommender/recommend", {"userId": "u-3", "k": 1})
     assert status == 429 and int(headers["Retry-After"]) >= 1
     info = reason_of(body)
     assert info["reason"] == "FAIR_SHARE_EXCEEDED" and info["metadata"]["backend"] == "recommender"
@@ -441,7 +451,7 @@ async def test_fair_share_slots_are_released_however_a_call_ends(gw: Any, record
     # a unary call whose task is cancelled
     recorder.delay("Recommend", 30)
     task = asyncio.create_task(
-        recommender.unary(recommend, recommender_pb2.RecommendRequest(user_id="u-1"), 60)
+        recommender.unary(recommend, recommender_pb2.RecommendRequest(user_id="u-1", k=1), 60)
     )
     await eventually(lambda: recorder.of("Recommend"), "the call reaches recommender")
     assert recommender.fair.in_flight == 1

@@ -186,7 +186,7 @@ async def test_catalogue_without_a_folder_is_a_clear_404(storefront: Any) -> Non
                 body = await resp.json()
                 assert resp.status == 404, path
                 assert reason_of(body) == "DEMO_CATALOGUE_NOT_CONFIGURED"
-                assert "CBEC_DEMO_CATALOGUE_DIR" in body["message"]
+                assert "CBEC_GATEWAY_DEMO_CATALOGUE_DIR" in body["message"]
 
 
 async def test_catalogue_serves_products_and_images(storefront: Any, catalogue_dir: Path) -> None:

@@ -43,7 +43,7 @@ def start(
         "CBEC_MODELS_DIR": str(shop.models_dir),
         "CBEC_DEVICE": "cpu",
         "CBEC_STATE_DIR": str(state_dir),
-        "CBEC_EMBEDDINGS_CACHE": str(shop.cache_path),
+        "CBEC_RECOMMENDER_EMBEDDINGS_CACHE": str(shop.cache_path),
         "CBEC_LOG_LEVEL": "WARNING",
         **(extra_env or {}),
     }

@@ -98,7 +98,9 @@ def now_ms() -> int:
 
 
 def good_transaction(**overrides: Any) -> risk_pb2.Transaction:
-    """A valid transaction from a minute ago; keyword arguments replace fields."""
+    """A valid transaction from a minute ago (42.50 EUR in ``total``); keyword arguments replace
+    fields. Overriding the deprecated ``amount`` or ``currency`` sends the amount in those instead
+    (still accepted until v2), so that the override is what the server sees."""
     base = Tx(
         transaction_id="tx-1",
         user_id="user-1",
@@ -112,6 +114,9 @@ def good_transaction(**overrides: Any) -> risk_pb2.Transaction:
         shipping_country="DE",
     )
     t = to_proto(base)
+    if "amount" in overrides or "currency" in overrides:
+        t.ClearField("total")
+        t.amount, t.currency = base.amount, base.currency
     for key, value in overrides.items():
         if isinstance(value, timestamp_pb2.Timestamp):
             getattr(t, key).CopyFrom(value)

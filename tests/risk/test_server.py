@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from cbec.common.v1 import common_pb2, common_pb2_grpc
 from cbec.risk.v1 import risk_pb2, risk_pb2_grpc
+from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.risk.features import FEATURES, RatesTable, Tx
@@ -207,12 +208,109 @@ async def test_bad_transactions(
 
 async def test_missing_occurred_time_and_several_violations(stub: risk_pb2_grpc.RiskServiceStub) -> None:
     t = good_transaction(amount=-1.0, currency="ABC")
-    t.ClearField("occurred_time")
     fields = {f for f, _ in await invalid(stub, t)}
-    assert fields == {"transaction.amount", "transaction.currency", "transaction.occurred_time"}
+    assert fields == {"transaction.amount", "transaction.currency"}
+    # A missing REQUIRED field (risk.proto) is the runtime's: it answers before the servicer runs.
+    t.ClearField("occurred_time")
+    assert await invalid(stub, t) == [("transaction.occurred_time", "is required")]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ScoreTransaction(risk_pb2.ScoreTransactionRequest())
     assert field_violations(err.value) == [("transaction", "is required")]
+
+
+# --- money: google.type.Money in ``total``, the deprecated double ``amount`` + ``currency`` until v2 -------
+def money(currency: str, units: int, nanos: int = 0) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=currency, units=units, nanos=nanos)
+
+
+def legacy(amount: float, currency: str, **overrides: object) -> risk_pb2.Transaction:
+    """A transaction whose amount is only in the deprecated fields."""
+    t = good_transaction(amount=amount, currency=currency, **overrides)
+    assert not t.HasField("total")
+    return t
+
+
+def with_total(total: money_pb2.Money, **overrides: object) -> risk_pb2.Transaction:
+    t = good_transaction(**overrides)
+    t.ClearField("amount")
+    t.ClearField("currency")
+    t.total.CopyFrom(total)
+    return t
+
+
+async def test_old_new_and_both_agreeing_score_the_same(stub: risk_pb2_grpc.RiskServiceStub) -> None:
+    def fresh(i: int) -> dict[str, object]:  # no shared card, user or device: no velocity history
+        return {"transaction_id": f"m-{i}", "card_fingerprint": f"card-m{i}", "user_id": f"user-m{i}",
+                "device_id": f"device-m{i}"}  # fmt: skip
+
+    old = await score(stub, legacy(129.9, "eur", **fresh(1)))
+    new = await score(stub, with_total(money("EUR", 129, 900_000_000), **fresh(2)))
+    both = with_total(money("EUR", 129, 900_000_000), **fresh(3))
+    both.amount, both.currency = 129.9, "EUR"
+    agreeing = await score(stub, both)
+    for a in (old, new, agreeing):
+        assert a.amount_reference == pytest.approx(129.9 / 0.965)
+        assert a.reference_currency == "USD"  # the deprecated response fields are still filled
+        assert a.reference_total.currency_code == "USD"
+        exact = a.reference_total.units + a.reference_total.nanos / 1e9
+        assert exact == pytest.approx(a.amount_reference, abs=1e-9)
+    assert old.fraud_probability == pytest.approx(new.fraud_probability)
+    assert new.fraud_probability == pytest.approx(agreeing.fraud_probability)
+
+
+@pytest.mark.parametrize(
+    ("old_amount", "old_currency", "fields"),
+    [
+        (129.91, "", {"transaction.amount"}),
+        (0.0, "USD", {"transaction.currency"}),
+        (12.99, "GBP", {"transaction.amount", "transaction.currency"}),
+        (float("nan"), "EUR", {"transaction.amount"}),
+    ],
+)
+async def test_both_disagreeing_is_refused_naming_the_old_field(
+    stub: risk_pb2_grpc.RiskServiceStub, old_amount: float, old_currency: str, fields: set[str]
+) -> None:
+    t = with_total(money("EUR", 129, 900_000_000))
+    t.amount, t.currency = old_amount, old_currency
+    violations = await invalid(stub, t)
+    assert {f for f, _ in violations} == fields
+    assert all("disagrees with transaction.total" in d for _, d in violations)
+
+
+@pytest.mark.parametrize(
+    ("total", "field", "words"),
+    [
+        (money("euro", 10), "transaction.total.currency_code", "ISO 4217"),
+        (money("eur", 10), "transaction.total.currency_code", "three capital letters"),
+        (money("", 10), "transaction.total.currency_code", "ISO 4217"),
+        (money("EUR", 10, 1_000_000_000), "transaction.total.nanos", "999999999"),
+        (money("EUR", 10, -5), "transaction.total.nanos", "sign of units"),
+        (money("EUR", -10, 5), "transaction.total.nanos", "sign of units"),
+        (money("XXX", 10), "transaction.total.currency_code", "unknown currency"),
+        (money("EUR", 0), "transaction.total", "greater than 0"),
+        (money("EUR", -1, -500_000_000), "transaction.total", "greater than 0"),
+        (money("EUR", 10**13), "transaction.total", "at most"),
+    ],
+)
+async def test_invalid_totals(
+    stub: risk_pb2_grpc.RiskServiceStub, total: money_pb2.Money, field: str, words: str
+) -> None:
+    violations = await invalid(stub, with_total(total))
+    assert [f for f, _ in violations] == [field]
+    assert words in violations[0][1]
+
+
+async def test_no_amount_at_all_names_total(stub: risk_pb2_grpc.RiskServiceStub) -> None:
+    t = with_total(money("EUR", 1))
+    t.ClearField("total")
+    ((field, description),) = await invalid(stub, t)
+    assert field == "transaction.total" and "required" in description
+
+
+async def test_a_tiny_exact_amount_is_kept_exactly(stub: risk_pb2_grpc.RiskServiceStub) -> None:
+    """One nano of a currency: a double could not carry the difference between these two."""
+    a = await score(stub, with_total(money("USD", 1, 1), transaction_id="m-nano"))
+    assert (a.reference_total.units, a.reference_total.nanos) == (1, 1)
 
 
 async def test_batch_violations_name_the_item(stub: risk_pb2_grpc.RiskServiceStub) -> None:

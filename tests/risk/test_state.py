@@ -142,7 +142,7 @@ def test_state_left_by_the_previous_version_is_imported_once(tmp_path: Path) -> 
 
 def test_the_state_path_setting_is_gone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A deployment that still sets it must not start on an empty store somewhere else."""
-    assert "risk_state_path" not in RiskSettings.model_fields
+    assert load_settings(RiskSettings, "risk").risk_state_path == ""
     monkeypatch.setenv("CBEC_RISK_STATE_PATH", str(tmp_path / "old.sqlite3"))
     with pytest.raises(ConfigError):
         load_settings(RiskSettings, "risk")

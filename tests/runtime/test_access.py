@@ -24,10 +24,10 @@ from services.runtime.access import (
     required_scope,
 )
 from services.runtime.config import ConfigError, RuntimeSettings, load_settings
-from services.runtime.launcher import internal_token_file
 from tests.runtime.conftest import make_settings
 from tests.runtime.echo_service import SERVICE, EchoService
 from tests.support import INTERNAL_TOKEN, serving, token_file, trusted_channel, trusted_metadata
+from tools.launcher import internal_token_file
 
 IDENTITY = ((USER_KEY, "u-1"), (PRINCIPAL_KEY, "storefront"), (SCOPES_KEY, "admin *"))
 

@@ -3,13 +3,15 @@ and errors that stay bounded however much input fails (``services/runtime/errors
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from cbec.chat.v1 import chat_pb2
+from cbec.common.v1 import common_pb2, options_pb2
+from cbec.recommender.v1 import recommender_pb2
 from cbec.risk.v1 import risk_pb2
 from cbec.sentiment.v1 import sentiment_pb2
 from cbec.vision.v1 import vision_pb2
@@ -32,7 +34,16 @@ from services.runtime.errors import (
     status_metadata,
 )
 from services.runtime.server import Runtime, Server
-from services.runtime.validation import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHARS, rules_for, validate, violations
+from services.runtime.validation import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_CHARS,
+    is_required,
+    item_violations,
+    merged,
+    rules_for,
+    validate,
+    violations,
+)
 from tests.runtime.conftest import EchoClient, make_settings
 from tests.runtime.echo_service import EchoService
 
@@ -52,6 +63,7 @@ def test_strings_have_a_default_bound_and_declared_ones() -> None:
     assert field == "value" and "1024" in description and "1025" in description
     assert violations(wrappers_pb2.StringValue(value="é" * DEFAULT_MAX_CHARS)) == []  # characters, not bytes
     tx = risk_pb2.Transaction(buyer_timezone="Z" * 65, merchant_category="m" * 10_000_000)
+    tx.MergeFrom(risk_pb2.Transaction(transaction_id="t", card_fingerprint="c", occurred_time={"seconds": 1}))
     assert described(risk_pb2.ScoreTransactionRequest(transaction=tx)) == [
         ("transaction.buyer_timezone", "must be at most 64 characters (got 65)"),
         ("transaction.merchant_category", "must be at most 128 characters (got 10000000)"),
@@ -76,6 +88,107 @@ def test_required_strings_and_required_elements() -> None:
     assert fields(chat_pb2.ConverseRequest(message=" \t ")) == ["message"]
     assert fields(chat_pb2.ConverseRequest(message="hi")) == []
     assert fields(vision_pb2.RemoveProductsRequest(product_ids=["a", " ", "b"])) == ["product_ids[1]"]
+    assert described(vision_pb2.RemoveProductsRequest()) == [
+        ("product_ids", "is required (must hold at least one item)")
+    ]
+
+
+# --- REQUIRED (google.api.field_behavior) -----------------------------------------------------------------
+def test_required_messages_numbers_and_enums() -> None:
+    assert described(risk_pb2.ScoreTransactionRequest()) == [("transaction", "is required")]
+    assert described(recommender_pb2.RecommendRequest(user_id="u")) == [("k", "is required (must not be 0)")]
+    assert described(risk_pb2.ReportOutcomeRequest(transaction_id="t")) == [
+        ("outcome", "is required (must not be OUTCOME_UNSPECIFIED)")
+    ]
+    assert fields(vision_pb2.SearchByImageRequest()) == ["image"]  # bytes: not empty
+
+
+def test_required_fields_of_set_messages_and_of_elements_are_named_by_path() -> None:
+    tx = risk_pb2.Transaction(transaction_id="t", card_fingerprint="c", occurred_time={"seconds": 1})
+    incomplete = risk_pb2.Transaction(transaction_id="u", card_fingerprint=" ")
+    request = risk_pb2.ScoreTransactionsRequest(transactions=[tx, tx, tx, incomplete])
+    assert fields(request) == ["transactions[3].card_fingerprint", "transactions[3].occurred_time"]
+    assert fields(risk_pb2.ScoreTransactionRequest(transaction=incomplete)) == [
+        "transaction.card_fingerprint",
+        "transaction.occurred_time",
+    ]
+    # a message that is not set is not walked: its required fields are moot (the message's own
+    # REQUIRED says whether it must be there)
+    assert fields(chat_pb2.GenerateProductCopyRequest(product={"name": "n"}, target_language="de")) == []
+    deprecated_price = chat_pb2.ProductAttributes(name="n", price={"amount": 1.0})
+    request_ = chat_pb2.GenerateProductCopyRequest(product=deprecated_price, target_language="de")
+    assert fields(request_) == ["product.price.currency_code"]
+
+
+def test_elements_rejected_alone_leave_their_required_fields_to_the_servicer() -> None:
+    """``(cbec.common.v1.item).rejected_alone``: the runtime keeps the call; ``item_violations`` (what
+    the servicer runs per element) names the missing fields with the same rules."""
+    item = recommender_pb2.Item(price={"amount": 2.0})  # no item_id, no price currency
+    request = recommender_pb2.UpsertItemsRequest(items=[item])
+    assert violations(request) == []
+    assert [v.field for v in item_violations(item)] == ["item_id", "price.currency_code"]
+    assert [v.field for v in item_violations(item, "items[0].")] == [
+        "items[0].item_id",
+        "items[0].price.currency_code",
+    ]
+    # its limits still reject the whole call
+    request.items[0].item_id = "x" * 257
+    assert fields(request) == ["items[0].item_id"]
+    # one message of a client stream whose products are rejected alone
+    assert violations(vision_pb2.IndexProductsRequest()) == []
+    assert [v.field for v in item_violations(vision_pb2.IndexProductsRequest())] == ["product_id", "image"]
+
+
+def test_merged_keeps_one_reason_per_field() -> None:
+    first = [Violation("title", "is required (must not be empty)")]
+    then = [Violation("title", "must not be empty"), Violation("topic", "bad")]
+    assert merged(first, then) == [first[0], then[1]]
+
+
+def test_the_deprecated_required_limit_is_not_used_by_the_contract() -> None:
+    """REQUIRED is the one way to say it; a field that still set the old option would be unchecked."""
+    from cbec.gateway.v1 import gateway_pb2
+
+    required = 0
+    modules = (chat_pb2, common_pb2, gateway_pb2, recommender_pb2, risk_pb2, sentiment_pb2, vision_pb2)
+    for module in modules:
+        for message in _all_messages(module.DESCRIPTOR.message_types_by_name.values()):
+            for fd in message.fields:
+                options = fd.GetOptions()
+                if options.HasExtension(options_pb2.limits):
+                    assert not options.Extensions[options_pb2.limits].required, fd.full_name
+                required += is_required(fd)
+    assert required >= 40  # the contract does mark its required fields
+
+
+def _all_messages(messages: Any) -> Iterator[Any]:
+    for m in messages:
+        yield m
+        yield from _all_messages(
+            m.nested_types.values() if isinstance(m.nested_types, dict) else m.nested_types
+        )
+
+
+# --- google.type.Money -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("money", "bad"),
+    [
+        ({"currency_code": "EUR", "units": 12, "nanos": 500_000_000}, []),
+        ({"currency_code": "EUR", "units": -1, "nanos": -750_000_000}, []),
+        ({"currency_code": "EUR", "units": 0, "nanos": -5}, []),
+        ({"currency_code": "eur", "units": 1}, ["total.currency_code"]),
+        ({"currency_code": "EURO", "units": 1}, ["total.currency_code"]),
+        ({"currency_code": "", "units": 1}, ["total.currency_code"]),
+        ({"currency_code": "EUR", "units": 1, "nanos": -1}, ["total.nanos"]),
+        ({"currency_code": "EUR", "units": -1, "nanos": 1}, ["total.nanos"]),
+        ({"currency_code": "EUR", "nanos": 1_000_000_000}, ["total.nanos"]),
+    ],
+)
+def test_money_has_its_documented_form(money: dict[str, Any], bad: list[str]) -> None:
+    tx = risk_pb2.Transaction(
+        transaction_id="t", card_fingerprint="c", occurred_time={"seconds": 1}, total=money
+    )
+    assert fields(risk_pb2.ScoreTransactionRequest(transaction=tx)) == [f"transaction.{f}" for f in bad]
 
 
 # --- bytes, repeated, maps --------------------------------------------------------------------------------
@@ -88,10 +201,11 @@ def test_bytes_have_a_default_bound_and_declared_ones() -> None:
 
 
 def test_too_many_items_is_one_violation_without_walking_them() -> None:
-    bad = risk_pb2.Transaction(transaction_id="\x00")
+    fine = risk_pb2.Transaction(transaction_id="t", card_fingerprint="c", occurred_time={"seconds": 1})
+    bad = risk_pb2.Transaction(transaction_id="\x00", card_fingerprint="c", occurred_time={"seconds": 1})
     request = risk_pb2.ScoreTransactionsRequest(transactions=[bad] * 10_001)
     assert described(request) == [("transactions", "must hold at most 10000 items (got 10001)")]
-    request = risk_pb2.ScoreTransactionsRequest(transactions=[risk_pb2.Transaction()] * 4 + [bad])
+    request = risk_pb2.ScoreTransactionsRequest(transactions=[fine] * 4 + [bad])
     assert fields(request) == ["transactions[4].transaction_id"]
     many = struct_pb2.ListValue(values=[struct_pb2.Value(number_value=1)] * 1001)  # default bound
     assert fields(many) == ["values"]
@@ -99,7 +213,8 @@ def test_too_many_items_is_one_violation_without_walking_them() -> None:
 
 def test_maps_bound_entries_keys_and_values() -> None:
     def copy_request(attributes: dict[str, str]) -> chat_pb2.GenerateProductCopyRequest:
-        return chat_pb2.GenerateProductCopyRequest(product=chat_pb2.ProductAttributes(attributes=attributes))
+        product = chat_pb2.ProductAttributes(name="n", attributes=attributes)
+        return chat_pb2.GenerateProductCopyRequest(product=product, target_language="de")
 
     assert fields(copy_request({f"k{i}": "v" for i in range(50)})) == []
     assert fields(copy_request({f"k{i}": "v" for i in range(51)})) == ["product.attributes"]
@@ -173,7 +288,7 @@ def test_enums_must_hold_a_defined_value() -> None:
 # --- the compiled rules -------------------------------------------------------------------------------------
 def test_rules_are_compiled_once_per_type_and_unset_fields_are_free() -> None:
     assert rules_for(risk_pb2.Transaction.DESCRIPTOR) is rules_for(risk_pb2.Transaction.DESCRIPTOR)
-    assert violations(risk_pb2.ScoreTransactionsRequest()) == []
+    assert violations(vision_pb2.GetIndexStatsRequest()) == []
     validate(b"raw bytes, not a message")  # a method without a deserializer: nothing to check
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.vision import data
+from services.vision.config import VisionSettings
 from services.vision.images import ImageLimits, decode
 
 
@@ -48,22 +49,24 @@ def test_read_idx_refuses_damaged_files(tmp_path: Path) -> None:
 
 def test_load_and_png_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_dataset(tmp_path)
+    # The folder the service's settings name (CBEC_VISION_FASHION_MNIST_DIR) is searched first.
     monkeypatch.setenv("CBEC_VISION_FASHION_MNIST_DIR", str(tmp_path))
-    train = data.load("train")
+    folder = VisionSettings().vision_fashion_mnist_dir
+    assert folder == tmp_path
+    train = data.load("train", folder=folder)
     assert len(train) == 12 and train.images.shape == (12, 28, 28)
     assert list(train.labels[:3]) == [0, 1, 2]
     pixels = decode(train.png(3), 28, ImageLimits())
     assert np.array_equal(pixels[..., 0], train.images[3])  # lossless: the catalogue image is the data
     with pytest.raises(ValueError):
-        data.load("validation")
+        data.load("validation", folder=folder)
 
 
 def test_locate_names_the_package_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CBEC_VISION_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "not-installed")
     monkeypatch.setattr(data, "REPO_DEB_DIR", tmp_path / "not-unpacked")
     with pytest.raises(data.DataError, match=data.PACKAGE):
-        data.locate(tmp_path / "data")
+        data.locate(tmp_path / "data", tmp_path / "nowhere")
 
 
 def test_real_fashion_mnist_package() -> None:

@@ -211,7 +211,7 @@ def own_vision_gateway(demo_suite: DemoSuite, tmp_path: Path) -> Iterator[tuple[
         "CBEC_INTERNAL_TOKEN_FILE": str(token_file),
         "CBEC_METRICS_ENABLED": "false",
         "CBEC_DEVICE": "cpu",
-        "CBEC_ENV": "dev",
+        "CBEC_GATEWAY_ENV": "dev",
         "CBEC_MODELS_DIR": str(demo_suite.work / "models"),
     }
     vision_port, http_port = free_port(), free_port()
@@ -224,7 +224,7 @@ def own_vision_gateway(demo_suite: DemoSuite, tmp_path: Path) -> Iterator[tuple[
         stderr=subprocess.STDOUT,
     )
     addresses = {
-        f"CBEC_{name.upper()}_ADDR": f"127.0.0.1:{port}"
+        f"CBEC_GATEWAY_{name.upper()}_ADDR": f"127.0.0.1:{port}"
         for name, port in demo_suite.grpc_ports.items()
         if name != "gateway"
     }
@@ -234,14 +234,14 @@ def own_vision_gateway(demo_suite: DemoSuite, tmp_path: Path) -> Iterator[tuple[
         env={
             **common,
             **addresses,
-            "CBEC_VISION_ADDR": f"127.0.0.1:{vision_port}",
+            "CBEC_GATEWAY_VISION_ADDR": f"127.0.0.1:{vision_port}",
             "CBEC_GRPC_PORT": str(free_port()),
-            "CBEC_HTTP_PORT": str(http_port),
+            "CBEC_GATEWAY_HTTP_PORT": str(http_port),
             "CBEC_STATE_DIR": str(tmp_path / "gateway"),
-            "CBEC_DEMO_CATALOGUE_DIR": str(demo_suite.demo_dir),
-            "CBEC_PRODUCT_IMAGES_DIR": str(demo_suite.demo_dir / "images"),
-            "CBEC_PRODUCT_SENTIMENT_WINDOW_DAYS": "3650",  # as make run's launcher sets for the demo
-            "CBEC_FEED_SENTIMENT_WINDOW_DAYS": "3650",
+            "CBEC_GATEWAY_DEMO_CATALOGUE_DIR": str(demo_suite.demo_dir),
+            "CBEC_GATEWAY_PRODUCT_IMAGES_DIR": str(demo_suite.demo_dir / "images"),
+            "CBEC_GATEWAY_PRODUCT_SENTIMENT_WINDOW_DAYS": "3650",  # as make run's launcher sets for the demo
+            "CBEC_GATEWAY_FEED_SENTIMENT_WINDOW_DAYS": "3650",
         },
         stdout=logs[1],
         stderr=subprocess.STDOUT,

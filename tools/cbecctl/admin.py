@@ -105,7 +105,7 @@ class AdminApi:
         headers = {
             "x-api-key": self._key,
             "accept": "application/json",
-            # the gateway caps it at its CBEC_MAX_DEADLINE_S
+            # the gateway caps it at its CBEC_GATEWAY_MAX_DEADLINE_S
             "grpc-timeout": f"{max(1, int(deadline_s))}S",
         }
         data = None

@@ -130,6 +130,38 @@ which treats them as empty).
 {{- printf "service=~\"%s\"" (join "|" $names) -}}
 {{- end -}}
 
+{{/*
+The enabled services a service calls, as a YAML list: its block's `calls`, where "*" is every other
+enabled service: (dict "name" $name "services" $services). They get the service's upstream address
+settings (cbec.env), its NetworkPolicy egress and their ingress from it (networkpolicy.yaml). The service
+registry (services/runtime/registry.py) declares the same calls; tests/runtime/test_registry.py renders
+the chart and checks both agree.
+*/}}
+{{- define "cbec.upstreams" -}}
+{{- $name := .name -}}
+{{- $calls := (get .services .name | default dict).calls | default list -}}
+{{- $out := list -}}
+{{- range $other := keys .services | sortAlpha -}}
+{{- if and (ne $other $name) (or (has "*" $calls) (has $other $calls)) -}}
+{{- $out = append $out $other -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
+{{/* The enabled services that call a service, as a YAML list: (dict "name" $name "services" $services). */}}
+{{- define "cbec.callers" -}}
+{{- $name := .name -}}
+{{- $services := .services -}}
+{{- $out := list -}}
+{{- range $caller := keys $services | sortAlpha -}}
+{{- if has $name (include "cbec.upstreams" (dict "name" $caller "services" $services) | fromYamlArray) -}}
+{{- $out = append $out $caller -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
 {{/* The module a service's container runs (python -m <module>): (dict "name" $name "svc" $s). */}}
 {{- define "cbec.module" -}}
 {{- .svc.module | default (printf "services.%s" .name) -}}
@@ -223,6 +255,19 @@ Renders nothing.
 {{- fail "state.postgres.bundled.passwordKey and state.redis.bundled.passwordKey must differ (both are keys of the chart's state Secret)" -}}
 {{- end -}}
 {{- range $name, $s := (include "cbec.services" $root | fromYaml) -}}
+{{- range $up := $s.calls | default list -}}
+{{- if not (or (eq $up "*") (hasKey $root.Values.services $up)) -}}
+{{- fail (printf "services.%s.calls names %s, which is no service of the chart" $name $up) -}}
+{{- end -}}
+{{- end -}}
+{{- /* CBEC_<SERVICE>_* is read by that service only (services/runtime/registry.py): in another block it does nothing. */ -}}
+{{- range $key, $_ := $s.env -}}
+{{- range $other, $_ := $root.Values.services -}}
+{{- if and (ne $other $name) (hasPrefix (printf "CBEC_%s_" (upper $other)) $key) -}}
+{{- fail (printf "services.%s.env.%s: only %s reads CBEC_%s_* settings; set it in services.%s.env" $name $key $other (upper $other) $other) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq $st.backend "embedded") $s.stateful -}}
 {{- if gt (int $s.replicas) 1 -}}
 {{- fail (printf "state.backend is embedded: %s keeps its state in SQLite on one ReadWriteOnce volume, so services.%s.replicas must be 0 or 1 (is %v); use state.backend=shared (PostgreSQL + Redis) for more replicas" $name $name $s.replicas) -}}
@@ -269,8 +314,8 @@ Serving containers also get ports, the pinned model version, model polling and b
 {{- $_ := set $env "CBEC_METRICS_PORT" (toString $s.metricsPort) -}}
 {{- $_ := set $env "CBEC_GRACE_PERIOD_S" (toString $s.gracePeriodSeconds) -}}
 {{- if $s.httpPort -}}
-{{- $_ := set $env "CBEC_HTTP_PORT" (toString $s.httpPort) -}}
-{{- $_ := set $env "CBEC_HTTP_HOST" "0.0.0.0" -}}
+{{- $_ := set $env (printf "CBEC_%s_HTTP_PORT" (upper $name)) (toString $s.httpPort) -}}
+{{- $_ := set $env (printf "CBEC_%s_HTTP_HOST" (upper $name)) "0.0.0.0" -}}
 {{- end -}}
 {{- /* Service-to-service authentication (_tls.tpl): the token every call carries, the server's certificate
 and the CA its callers' certificates must chain to, and the client certificate of a caller. */ -}}
@@ -303,28 +348,30 @@ and the CA its callers' certificates must chain to, and the client certificate o
 {{- $_ := set $env "CBEC_REDIS_URL" $st.redis.url -}}
 {{- end -}}
 {{- if not $train -}}
-{{- /* Backend addresses: the gateway calls every service, chat calls sentiment (dns:/// resolves every pod of a headless Service). */ -}}
-{{- range $backend, $b := $services -}}
+{{- /* Upstream addresses, CBEC_<SERVICE>_<UPSTREAM>_ADDR, for the services it calls (cbec.upstreams; dns:/// resolves every pod of a headless Service). */ -}}
+{{- range $backend := include "cbec.upstreams" (dict "name" $name "services" $services) | fromYamlArray -}}
+{{- $b := get $services $backend -}}
 {{- $addr := printf "dns:///%s.%s.svc.%s:%v" (include "cbec.componentName" (dict "root" $root "name" $backend)) $root.Release.Namespace $root.Values.clusterDomain $b.grpcPort -}}
-{{- if and (eq $name "gateway") (ne $backend "gateway") -}}
-{{- $_ := set $env (printf "CBEC_%s_ADDRESS" (upper $backend)) $addr -}}
-{{- else if and (eq $name "chat") (eq $backend "sentiment") -}}
-{{- $_ := set $env "CBEC_SENTIMENT_ADDR" $addr -}}
-{{- end -}}
+{{- $_ := set $env (printf "CBEC_%s_%s_ADDR" (upper $name) (upper $backend)) $addr -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $name "gateway") (not $train) -}}
 {{- /* The gateway's share of the global rate limit while Redis is unreachable: rate / replicas. */ -}}
-{{- $_ := set $env "CBEC_RATE_LIMIT_REPLICAS" (toString (ternary $s.autoscaling.minReplicas $s.replicas $s.autoscaling.enabled)) -}}
+{{- $_ := set $env "CBEC_GATEWAY_RATE_LIMIT_REPLICAS" (toString (ternary $s.autoscaling.minReplicas $s.replicas $s.autoscaling.enabled)) -}}
 {{- end -}}
 {{- $llm := include "cbec.llm" $root | fromYaml -}}
 {{- $remoteLLM := and (eq $name "chat") (not $train) (ne $llm.mode "inProcess") -}}
 {{- if $remoteLLM -}}
 {{- /* chat's LLM is an OpenAI-compatible endpoint (values: llm). */ -}}
-{{- $_ := set $env "CBEC_LLM_BACKEND" "openai" -}}
-{{- $_ := set $env "CBEC_LLM_URL" $llm.url -}}
-{{- $_ := set $env "CBEC_LLM_MODEL" $root.Values.llm.model -}}
-{{- $_ := set $env "CBEC_LLM_TIMEOUT_S" (toString $root.Values.llm.timeoutSeconds) -}}
+{{- $_ := set $env "CBEC_CHAT_LLM_BACKEND" "openai" -}}
+{{- $_ := set $env "CBEC_CHAT_LLM_URL" $llm.url -}}
+{{- $_ := set $env "CBEC_CHAT_LLM_MODEL" $root.Values.llm.model -}}
+{{- $_ := set $env "CBEC_CHAT_LLM_TIMEOUT_S" (toString $root.Values.llm.timeoutSeconds) -}}
+{{- end -}}
+{{- if and $root.Values.tracing.enabled (not $train) -}}
+{{- /* OpenTelemetry (values: tracing): spans to the collector over OTLP/gRPC. */ -}}
+{{- $_ := set $env "CBEC_TRACE_OTLP_ENDPOINT" $root.Values.tracing.otlpEndpoint -}}
+{{- $_ := set $env "CBEC_TRACE_SAMPLE_RATIO" (toString $root.Values.tracing.sampleRatio) -}}
 {{- end -}}
 {{- range $k, $v := $s.env -}}
 {{- $_ := set $env $k (toString $v) -}}
@@ -350,7 +397,7 @@ and the CA its callers' certificates must chain to, and the client certificate o
     secretKeyRef: {name: {{ .secretName }}, key: {{ .key }}}
 {{- end }}
 {{- if and $remoteLLM $root.Values.llm.apiKey.existingSecret }}
-- name: CBEC_LLM_API_KEY
+- name: CBEC_CHAT_LLM_API_KEY
   valueFrom:
     secretKeyRef: {name: {{ $root.Values.llm.apiKey.existingSecret }}, key: {{ $root.Values.llm.apiKey.key }}}
 {{- end }}
@@ -545,4 +592,13 @@ spec:
 {{- with $np.extraEgress }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The port of tracing.otlpEndpoint (OTLP/gRPC's 4317 when the URL names none).
+*/}}
+{{- define "cbec.tracingPort" -}}
+{{- $host := (urlParse .Values.tracing.otlpEndpoint).host -}}
+{{- $port := regexFind ":[0-9]+$" $host | trimPrefix ":" -}}
+{{- $port | default "4317" -}}
 {{- end -}}

@@ -34,9 +34,9 @@ cbec.env.
 {{- if and .root.Values.tls.enabled (ne .name "gateway") -}}true{{- end -}}
 {{- end -}}
 
-{{/* Whether a workload calls other services of the release: the gateway (all of them), chat (sentiment). (dict "name" $name "services" $services) */}}
+{{/* Whether a workload calls other services of the release (cbec.upstreams). (dict "name" $name "services" $services) */}}
 {{- define "cbec.callsServices" -}}
-{{- if or (eq .name "gateway") (and (eq .name "chat") (hasKey .services "sentiment")) -}}true{{- end -}}
+{{- if include "cbec.upstreams" . | fromYamlArray -}}true{{- end -}}
 {{- end -}}
 
 {{/* Where each enabled workload's certificate comes from, as YAML: name -> existing | certManager | generated. */}}

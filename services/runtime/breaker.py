@@ -1,17 +1,22 @@
-"""A circuit breaker per backend: after enough failures in a row, calls fail at once for a while.
+"""A circuit breaker per called service: after enough failures in a row, calls fail at once for a while.
+
+Every client of another service has one (``channel.circuit_breaker``): the gateway one per backend,
+chat one for sentiment. Our own code: the per-principal rules below are what no breaker library has.
 
 closed -> (``failure_threshold`` counted failures in a row) -> open -> (``open_s`` later) ->
 half-open: one trial call goes through while the others still fail fast; its success closes the
 breaker, a counted failure opens it again. With gRPC's retry throttling this keeps a dead backend from
 being hammered by retries (no retry storms) and gives callers an immediate UNAVAILABLE with a retry hint.
 
-What counts (``backends.Backend.outcome`` sorts each call's end into one of these):
+What counts (the gateway's ``gateway.backends.Backend.outcome`` sorts each call's end into one of
+these; other callers use ``CircuitBreaker.guard``, whose ``outcome`` applies the same rules to a call
+whose deadline the caller itself chose):
 
 - success: the backend answered, OK or a client error (INVALID_ARGUMENT, NOT_FOUND, ...). It ends the
   run of failures.
 - neutral: says nothing about the backend (the caller cancelled, the caller's own short deadline ran
   out, a per-request size limit). It neither counts nor ends the run.
-- transport failure: the backend is down, hangs past the gateway's own timeout, or sheds load
+- transport failure: the backend is down, hangs past the caller's own timeout, or sheds load
   (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED with a RetryInfo). It counts whoever sent it: no
   caller can make a healthy backend refuse connections or shed.
 - application failure: INTERNAL, UNKNOWN, DATA_LOSS. A bug, or an input that crashes the backend, which
@@ -35,12 +40,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from types import TracebackType
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 #: Distinct principals remembered in a run of application failures; further ones share one entry.
 _MAX_PRINCIPALS = 1024
 _OTHERS = "\x00others"
+#: How a call's end counts (``outcome``).
+OUTCOMES = SUCCESS, NEUTRAL, TRANSPORT_FAILURE, APPLICATION_FAILURE = (
+    "success",
+    "neutral",
+    "transport_failure",
+    "application_failure",
+)
+#: The service failed on this request (a bug, or an input that crashes it): counted per principal.
+APPLICATION_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class CircuitOpen(Exception):
@@ -138,3 +157,73 @@ class CircuitBreaker:
         """A call that says nothing about the backend's health (caller cancelled, caller's deadline)."""
         if trial:
             self._trial_in_flight = False
+
+    def guard(self, principal: str = "") -> Guard:
+        """``async with breaker.guard(principal): await stub.Method(...)``: admits the call (raises
+        ``CircuitOpen`` when open) and counts how it ends (``outcome``); exceptions pass through."""
+        return Guard(self, principal)
+
+
+def is_load_shedding(error: grpc.RpcError) -> bool:
+    """A RESOURCE_EXHAUSTED that says "busy, come back later": the runtime sheds with a ``RetryInfo``
+    in the rich status; without one it is a per-request limit the request caused."""
+    if _code(error) is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    for key, value in trailing or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+    return False
+
+
+def outcome(error: BaseException | None) -> str:
+    """How a call's end counts, for a caller that chose the call's deadline as its own timeout for the
+    service (so DEADLINE_EXCEEDED is the service hanging): ``None`` is success."""
+    if error is None:
+        return SUCCESS
+    if not isinstance(error, grpc.RpcError):  # cancelled, or the call never happened (bad request object)
+        return NEUTRAL
+    code = _code(error)
+    if code in APPLICATION_CODES:
+        return APPLICATION_FAILURE
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return TRANSPORT_FAILURE
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return TRANSPORT_FAILURE if is_load_shedding(error) else NEUTRAL
+    if code is grpc.StatusCode.CANCELLED:
+        return NEUTRAL
+    return SUCCESS  # OK or a client error: the service answered
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
+class Guard:
+    """One call under a breaker (``CircuitBreaker.guard``)."""
+
+    __slots__ = ("_breaker", "_principal", "_trial")
+
+    def __init__(self, breaker: CircuitBreaker, principal: str) -> None:
+        self._breaker = breaker
+        self._principal = principal
+        self._trial = False
+
+    async def __aenter__(self) -> Guard:
+        self._trial = self._breaker.before_call()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        result = outcome(exc)  # a cancelled call (CancelledError) is neutral
+        if result == SUCCESS:
+            self._breaker.on_success(self._trial)
+        elif result == NEUTRAL:
+            self._breaker.on_neutral(self._trial)
+        else:
+            self._breaker.on_failure(
+                self._trial, principal=self._principal, application=result == APPLICATION_FAILURE
+            )
