@@ -76,6 +76,8 @@ stubs: gen/.stamp
 	find build/stubs/cbec -name __pycache__ -prune -exec rm -rf {} +
 	find build/stubs/cbec -type d -exec touch {}/__init__.py \;
 	touch build/stubs/cbec/py.typed
+	@# The descriptor set with comments: reflection-free tools and the OpenAPI generator read it.
+	cp gen/cbec.binpb build/stubs/cbec/
 	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel --quiet --no-deps --no-build-isolation \
 		--wheel-dir $(STUBS_DIST) ./build/stubs
 	@ls $(STUBS_DIST)/cbec_ai_protos-$(PROTOS_VERSION)-*.whl

@@ -30,7 +30,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,19 @@ from .models.hybrid import Hybrid
 from .settings import RecommenderSettings
 
 MARKET_RE = re.compile(r"^[A-Z]{2}$")
+#: CLDR region codes that name no country (unknown, EU, eurozone, UN, outlying Oceania).
+_NOT_COUNTRIES = frozenset({"ZZ", "EU", "EZ", "UN", "QO"})
+
+
+@cache
+def _countries() -> frozenset[str]:
+    """ISO 3166-1 alpha-2 codes, from CLDR's territory names (babel) rather than a list kept here."""
+    from babel import Locale
+
+    codes = Locale("en").territories
+    return frozenset(c for c in codes if len(c) == 2 and c.isalpha()) - _NOT_COUNTRIES
+
+
 PERSONALISED, COLD_START, CONTENT, HYBRID = "personalised", "cold_start", "content", "hybrid"
 _VECTOR_CACHE_MAX = 200_000
 #: Weight of (0..1) market popularity beside content similarity for users with a little history:
@@ -479,10 +492,16 @@ class Engine:
         if market:
             if not MARKET_RE.match(market):
                 raise UnknownFilter("market", "must be an ISO 3166-1 alpha-2 code such as DE")
-            if self.markets:
-                if market not in self.market_bit:
-                    raise UnknownFilter("market", f"unknown market; known: {', '.join(self.markets)}")
+            if market in self.market_bit:
                 f.market_bit = int(self.market_bit[market])
+            elif market not in _countries():
+                raise UnknownFilter("market", "not an ISO 3166-1 alpha-2 country code")
+            elif self.markets:
+                # A market no item names: only items sold everywhere (all bits set) qualify, so ask for
+                # a bit no market owns yet. With every bit taken, no free bit is left to ask for.
+                if len(self.markets) >= MAX_MARKETS:
+                    raise UnknownFilter("market", f"unknown market; known: {', '.join(self.markets)}")
+                f.market_bit = int(np.uint64(1) << np.uint64(len(self.markets)))
         if categories:
             codes = []
             for i, c in enumerate(categories):
