@@ -183,3 +183,14 @@ export function addToCart(productId, quantity = 1) {
 export function cartCount() {
   return cartItems().reduce((n, i) => n + i.quantity, 0);
 }
+
+/** A google.type.Money (proto3 JSON) of a decimal amount, exact to the cent as the cart computes it. */
+export function moneyOf(amount, currencyCode) {
+  const cents = Math.round(Number(amount) * 100);
+  return { currencyCode, units: String(Math.trunc(cents / 100)), nanos: (cents % 100) * 10_000_000 };
+}
+
+/** The decimal value of a google.type.Money (units arrive as a string in proto3 JSON). */
+export function moneyValue(money) {
+  return Number(money.units || 0) + Number(money.nanos || 0) / 1e9;
+}

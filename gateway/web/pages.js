@@ -3,7 +3,7 @@
 
 import { api, isAbort } from "./api.js";
 import {
-  addToCart, cartItems, catalogue, descriptionOf, formatMoney, formatPercent, isSafeId, marketInfo,
+  addToCart, cartItems, catalogue, descriptionOf, formatMoney, formatPercent, isSafeId, marketInfo, moneyOf, moneyValue,
   prefs, priceOf, product, setCart, titleOf,
 } from "./catalogue.js";
 import {
@@ -308,7 +308,7 @@ function decisionView(a) {
     h("p", { testid: "fraud-probability" }, `Fraud probability ${formatPercent(Number(a.fraudProbability || 0), lang)}`,
       ` (${Number(a.fraudProbability || 0).toFixed(3)})`),
     h("p", { class: "meta" }, `Anomaly score ${Number(a.anomalyScore || 0).toFixed(2)}`,
-      a.amountReference ? ` · amount ${Number(a.amountReference).toFixed(2)} ${a.referenceCurrency || ""}` : "",
+      a.referenceTotal ? ` · amount ${moneyValue(a.referenceTotal).toFixed(2)} ${a.referenceTotal.currencyCode || ""}` : "",
       a.model?.version ? ` · model ${a.model.version}` : ""),
     a.reasons?.length
       ? h("ol", { class: "reasons", testid: "decision-reasons" }, a.reasons.map((r) =>
@@ -393,8 +393,7 @@ export async function checkoutPage(main, { signal }) {
       ipCountry: text("ipCountry").toUpperCase(),
       billingCountry: text("billingCountry").toUpperCase(),
       shippingCountry: text("shippingCountry").toUpperCase(),
-      amount: total,
-      currency,
+      total: moneyOf(total, currency),
       occurredTime: new Date().toISOString(),
       paymentMethod: text("paymentMethod"),
     };

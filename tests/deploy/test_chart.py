@@ -92,6 +92,13 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
             "grafanaDashboard": {"enabled": True},
         },
     },
+    "readme: tracing [7]": {
+        "tracing": {
+            "enabled": True,
+            "otlpEndpoint": "http://otel-collector.observability:4317",
+            "sampleRatio": 0.01,
+        }
+    },
     "readme: gateway credentials [2]": {
         "services": {
             "gateway": {
