@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -184,6 +185,18 @@ def _tracing_env(sample_ratio: float) -> dict[str, str]:
     return {"CBEC_TRACE_FILE": str(path), "CBEC_TRACE_SAMPLE_RATIO": str(sample_ratio)}
 
 
+def _count_spans(path: Path) -> int:
+    """Spans in an OTLP JSON lines file (one ExportTraceServiceRequest per line)."""
+    if not path.is_file():
+        return 0
+    count = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            for resource in json.loads(line).get("resourceSpans", []):
+                count += sum(len(scope.get("spans", [])) for scope in resource.get("scopeSpans", []))
+    return count
+
+
 async def run(
     rounds: int, seconds: float, batch_cost_ms: float, trace_sample_ratio: float = 0.01
 ) -> dict[str, Any]:
@@ -239,6 +252,9 @@ async def run(
         "traced_p50_ms": med(traced, lambda r: r.percentile(50)),
         "traced_p99_ms": med(traced, lambda r: r.percentile(99)),
         "runtime_overhead_ratio_traced": round(traced_rps / bare_rps, 3),
+        # Proof the traced server really sampled: spans it wrote against the calls it served.
+        "traced_calls": sum(r.calls for r in traced),
+        "traced_spans_written": _count_spans(Path(tracing["CBEC_TRACE_FILE"])),
         "traced_server_cpu_us_per_call": cpu_us(traced),
         "bare_server_cpu_us_per_call": cpu_us(bare),
         "runtime_server_cpu_us_per_call": cpu_us(runtime),
