@@ -11,8 +11,10 @@ rather than enabling ``validate_by_name``, with which pydantic-settings would al
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -280,8 +282,24 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def unread_old_names(cls: type[RuntimeSettings], environ: Mapping[str, str]) -> list[str]:
+    """Warnings for variables set under a service field's name from before the service prefixes
+    (``CBEC_MAX_K`` for ``CBEC_RECOMMENDER_MAX_K``): nothing reads them any more, which would otherwise
+    go unnoticed. A name that some service does read (its own field) is not an old name."""
+    old = {env_var_name(name): new for name, new in cls.prefixed_env.items() if env_var_name(name) != new}
+    found = sorted(name for name in old if name in environ)
+    if not found:
+        return []
+    read = set(RuntimeSettings.env_names().values())
+    for entry in SERVICES.values():
+        read.update(entry.settings_class().env_names().values())
+    return [f"{name} is not read any more: use {old[name]}" for name in found if name not in read]
+
+
 def load_settings(cls: type[S], service: str, **overrides: Any) -> S:
     """Read and validate settings; on error print which variable is wrong and exit(2)."""
+    for warning in unread_old_names(cls, os.environ):
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         return cls(service=service, **overrides)
     except ValidationError as exc:

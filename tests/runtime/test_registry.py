@@ -426,3 +426,18 @@ def test_the_chart_refuses_a_setting_in_another_services_block() -> None:
     ok = helm_template({"services": {"recommender": {"env": {"CBEC_RECOMMENDER_MAX_K": "1000"}}}})
     [container] = ok.deployment("recommender")["spec"]["template"]["spec"]["containers"]
     assert {"name": "CBEC_RECOMMENDER_MAX_K", "value": "1000"} in container["env"]
+
+
+def test_a_variable_under_its_name_from_before_the_prefixes_is_reported_not_silently_ignored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.recommender.settings import RecommenderSettings
+    from services.runtime.config import load_settings
+
+    monkeypatch.setenv("CBEC_MAX_K", "7")  # the recommender's max_k before it carried its prefix
+    monkeypatch.setenv("CBEC_RISK_REASONS", "2")  # risk's own, read as it stands: not an old name
+    settings = load_settings(RecommenderSettings, "recommender")
+    assert settings.max_k != 7
+    err = capsys.readouterr().err
+    assert "CBEC_MAX_K is not read any more: use CBEC_RECOMMENDER_MAX_K" in err
+    assert "CBEC_RISK_REASONS" not in err
