@@ -49,6 +49,7 @@ from google.protobuf.message import Message
 from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, ServiceError, Violation
 from services.runtime.logs import request_id_var
+from services.runtime.validation import validate
 
 from . import grpcfix
 from .auth import API_KEY_HEADER, Authenticator, bind_user, principal_var
@@ -301,6 +302,8 @@ class Bridge:
                     raise GatewayError(
                         grpc.StatusCode.UNIMPLEMENTED, f"{info.key} is not served by this gateway"
                     )
+                # The gRPC port's runtime interceptor checks the contract there; here the bridge does.
+                validate(message)
                 result = await handler(message, self._unary_timeout(timeout) if timeout is not None else None)
                 return self._json(encode_response(result, route.response_body))
             backend = self._backend_for(route, message)

@@ -285,15 +285,16 @@ def describe_validation_error(exc: ValidationError) -> str:
 def unread_old_names(cls: type[RuntimeSettings], environ: Mapping[str, str]) -> list[str]:
     """Warnings for variables set under a service field's name from before the service prefixes
     (``CBEC_MAX_K`` for ``CBEC_RECOMMENDER_MAX_K``): nothing reads them any more, which would otherwise
-    go unnoticed. A name that some service does read (its own field) is not an old name."""
+    go unnoticed. A name that a service may read as its own (``CBEC_<SERVICE>_...``) or a runtime setting
+    is not reported: each image holds only its own service's code, so the others' classes cannot be asked."""
     old = {env_var_name(name): new for name, new in cls.prefixed_env.items() if env_var_name(name) != new}
-    found = sorted(name for name in old if name in environ)
-    if not found:
-        return []
-    read = set(RuntimeSettings.env_names().values())
-    for entry in SERVICES.values():
-        read.update(entry.settings_class().env_names().values())
-    return [f"{name} is not read any more: use {old[name]}" for name in found if name not in read]
+    shared = set(RuntimeSettings.env_names().values())
+    owned = tuple(f"{ENV_PREFIX}{name.upper()}_" for name in SERVICES)
+    return [
+        f"{name} is not read any more: use {old[name]}"
+        for name in sorted(old)
+        if name in environ and name not in shared and not name.startswith(owned)
+    ]
 
 
 def load_settings(cls: type[S], service: str, **overrides: Any) -> S:

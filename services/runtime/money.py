@@ -27,7 +27,10 @@ from .errors import Violation, quote
 NANO = Decimal("1e-9")
 NANOS_PER_UNIT = 1_000_000_000
 #: Room for any int64 of units with nine decimals (the default context keeps 28 digits).
-_EXACT = Context(prec=40)
+#: Enough digits for any double to the nano (1.8e308 has 309 integer digits), so no rounding step fails.
+_EXACT = Context(prec=400)
+#: google.type.Money's units are an int64.
+_MAX_UNITS = 2**63 - 1
 
 
 def to_decimal(money: money_pb2.Money) -> Decimal:
@@ -46,8 +49,10 @@ def to_money(value: Decimal | float, currency_code: str) -> money_pb2.Money:
     exact = value if isinstance(value, Decimal) else float_decimal(value)
     if not exact.is_finite():
         raise ValueError(f"not a finite amount: {value!r}")
-    nanos_total = int(exact.quantize(NANO, rounding=ROUND_HALF_EVEN, context=_EXACT).scaleb(9))
+    nanos_total = int(exact.quantize(NANO, rounding=ROUND_HALF_EVEN, context=_EXACT).scaleb(9, _EXACT))
     units = abs(nanos_total) // NANOS_PER_UNIT
+    if units > _MAX_UNITS:
+        raise ValueError(f"beyond google.type.Money's range: {value!r}")
     nanos = abs(nanos_total) % NANOS_PER_UNIT
     sign = -1 if nanos_total < 0 else 1
     return money_pb2.Money(currency_code=currency_code, units=sign * units, nanos=sign * nanos)
@@ -94,7 +99,11 @@ def reconcile(
     out = []
     if old_given and value_given:
         old = float_decimal(old_value)
-        if not old.is_finite() or old.quantize(NANO, ROUND_HALF_EVEN, _EXACT) != exact:
+        if (
+            not old.is_finite()
+            or abs(old) > _MAX_UNITS + 1
+            or old.quantize(NANO, ROUND_HALF_EVEN, _EXACT) != exact
+        ):
             out.append(
                 Violation(
                     old_value_path,

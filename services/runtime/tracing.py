@@ -140,19 +140,63 @@ class Tracing:
             log.exception("tracing shutdown failed")
 
 
-def make_provider(service: str, exporters: Iterable[Any], sample_ratio: float) -> TracerProvider:
+def _coin_sampler(ratio: float) -> Any:
+    """A sampler keeping a random share of calls whatever their trace id. At the edge the trace id and
+    the sampled flag come from the client: trusting the flag, or hashing the id as TraceIdRatioBased
+    does (a client can pick ids below its bound), would let any caller make every service record and
+    export every call."""
+    import random
+
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class CoinSampler(Sampler):
+        def should_sample(
+            self,
+            parent_context: Any,
+            trace_id: int,
+            name: str,
+            kind: Any = None,
+            attributes: Any = None,
+            links: Any = None,
+            trace_state: Any = None,
+        ) -> SamplingResult:
+            keep = random.random() < ratio
+            state = trace.get_current_span(parent_context).get_span_context().trace_state
+            return SamplingResult(
+                Decision.RECORD_AND_SAMPLE if keep else Decision.DROP, attributes if keep else None, state
+            )
+
+        def get_description(self) -> str:
+            return f"CoinSampler{{{ratio}}}"
+
+    return CoinSampler()
+
+
+def make_provider(
+    service: str, exporters: Iterable[Any], sample_ratio: float, edge: bool | None = None
+) -> TracerProvider:
     """A provider for ``service`` that samples new traces at ``sample_ratio`` and follows the caller's
-    decision for continued ones, exporting through a batch processor per exporter."""
+    decision for continued ones, exporting through a batch processor per exporter. At the edge (a
+    service no other calls: the gateway, per the registry) a client's "sampled" is only a request: such
+    calls are kept at ``sample_ratio`` too, at random; behind it the services follow the edge."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+    from .registry import SERVICES, callers
+
+    if edge is None:
+        edge = service in SERVICES and not callers(service)
+
     # Resource.create also merges OTEL_RESOURCE_ATTRIBUTES (e.g. the pod's name from the chart).
     resource = Resource.create(
         {"service.name": service, "service.namespace": "cbec", "service.instance.id": socket.gethostname()}
     )
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+    root = TraceIdRatioBased(sample_ratio)
+    edge_rule = {"remote_parent_sampled": _coin_sampler(sample_ratio)} if edge else {}
+    sampler = ParentBased(root, **edge_rule)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

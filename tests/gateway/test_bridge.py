@@ -107,6 +107,19 @@ async def test_unary_calls_reach_every_service(http: aiohttp.ClientSession, reco
     }
 
 
+async def test_the_gateways_own_routes_are_checked_against_the_contract_over_http(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The gateway's own methods run in the bridge's process without the gRPC interceptor: the bridge
+    itself enforces REQUIRED and the limits, as the gRPC port does."""
+    for body in ({"productId": "  "}, {}):
+        async with http.post("/v1/gateway/product-page", json=body) as resp:
+            status = await resp.json()
+            assert resp.status == 400, status
+            fields = [v["field"] for d in status["details"] for v in d.get("fieldViolations", [])]
+            assert "product_id" in fields, status
+
+
 async def test_model_admin_is_routed_by_its_service_variable(http: aiohttp.ClientSession) -> None:
     for name in ("risk", "vision"):
         async with http.get(f"/v1/admin/{name}/model") as resp:

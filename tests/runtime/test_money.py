@@ -169,3 +169,17 @@ def test_catalogue_items_take_either_price_and_reject_two_that_disagree(suite: S
         malformed = rec.UpsertItemsRequest(items=[item(6, list_price=money("EUR", 1, 1_000_000_000))])
         fields = _refused(lambda: stub.UpsertItems(malformed, metadata=_metadata(suite), timeout=60))
         assert fields == ["items[0].list_price.nanos"]  # its form: the runtime refuses the call
+
+
+def test_a_huge_deprecated_amount_beside_the_new_field_disagrees_instead_of_failing() -> None:
+    """1e35 cannot be compared at the nano with a 40-digit context; it must be a violation, not INTERNAL."""
+    from google.type import money_pb2
+
+    from services.runtime.money import reconcile, to_money
+
+    amount, violations = reconcile(
+        money_pb2.Money(currency_code="EUR", units=10), "total", 1e35, "amount", "", "currency"
+    )
+    assert amount is not None and [v.field for v in violations] == ["amount"]
+    with pytest.raises(ValueError, match="range"):
+        to_money(1e35, "EUR")

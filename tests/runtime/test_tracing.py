@@ -306,3 +306,25 @@ async def test_store_round_trips_are_client_spans_under_a_sampled_span(
     ]
     insert = next(s for s in stored if s.name == "INSERT things")
     assert insert.attributes["db.query.text"] == "INSERT INTO t (k, v) VALUES (?, ?)"  # never the values
+
+
+def test_at_the_edge_a_clients_sampled_flag_does_not_force_recording() -> None:
+    """The gateway takes trace ids and flags from anyone: a sampled ``traceparent`` is kept at the
+    sample ratio, at random (not by its client-chosen id); behind the gateway the services follow it."""
+    sampled = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+    def recorded(service: str, ratio: float) -> int:
+        exporter = InMemorySpanExporter()
+        tracer = tracing.make_provider(service, [exporter], ratio).get_tracer("t")
+        count = 0
+        for _ in range(200):
+            parent = tracing._PROPAGATOR.extract(sampled)
+            span = tracer.start_span("call", parent, SpanKind.SERVER)
+            count += span.is_recording()
+            span.end()
+        return count
+
+    assert recorded("gateway", 0.0) == 0
+    assert recorded("gateway", 1.0) == 200
+    assert 0 < recorded("gateway", 0.5) < 200  # the same trace id each time: decided at random
+    assert recorded("risk", 0.0) == 200  # called by the gateway: follows its decision
