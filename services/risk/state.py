@@ -117,7 +117,10 @@ _INSERT_OUTCOME = (
 )
 _UPSERT_OUTCOME = _INSERT_OUTCOME + (
     "UPDATE SET outcome = excluded.outcome, reported_ms = excluded.reported_ms, "
-    "received_ms = excluded.received_ms, note = excluded.note"
+    "received_ms = excluded.received_ms, note = excluded.note "
+    # The newest report wins, not the last write: a retried ReportOutcome (IDEMPOTENT in the contract)
+    # whose first attempt lands late cannot undo a newer report.
+    "WHERE excluded.reported_ms >= risk_outcomes.reported_ms"
 )
 _EXPIRE_SCORED = (
     "DELETE FROM risk_scored WHERE ts <= ? "

@@ -86,6 +86,9 @@ def test_outcomes_are_durable_and_labelled(tmp_path: Path) -> None:
     assert store.record_outcome("t2", OUTCOME_CHARGEBACK, T, "bank notice") is True
     assert store.record_outcome("never-scored", OUTCOME_CHARGEBACK, T) is False
     store.record_outcome("t1", OUTCOME_CHARGEBACK, T + 1)  # a later report replaces the earlier one
+    # A retried report's first attempt landing late (an older report) does not undo the newer one.
+    store.record_outcome("t1", OUTCOME_LEGITIMATE, T)
+    assert store.outcome("t1") == OUTCOME_CHARGEBACK
     store.close()
 
     reopened = StateStore(path, read_only=True)
