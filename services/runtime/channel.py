@@ -34,23 +34,25 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from . import tracing
 from .breaker import CircuitBreaker
-from .config import RuntimeSettings
 from .errors import REQUEST_ID_KEY
 from .logs import request_id_var
+
+if TYPE_CHECKING:  # settings (pydantic) load only when asked for: the probe, run by the kubelet
+    # every few seconds in every pod, needs none of it
+    from .config import RuntimeSettings
 
 #: Idempotency levels whose methods may be retried.
 RETRYABLE_LEVELS = frozenset(
     {descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT}
 )
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-_DEFAULTS: RuntimeSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -314,9 +316,33 @@ class RuntimeChannel(grpc.aio.Channel):
         )
 
 
+@dataclass(frozen=True)
+class ChannelDefaults:
+    """``RuntimeSettings``' defaults for what a channel reads, for callers without settings. Declared
+    here because the probe, which the kubelet runs in every pod every few seconds, would otherwise load
+    pydantic for them (it doubled the probe's start-up); ``tests/runtime/test_channel.py`` checks that
+    they equal ``RuntimeSettings``' own."""
+
+    max_message_bytes: int = 8 * 1024 * 1024
+    keepalive_time_s: float = 30.0
+    reconnect_max_backoff_s: float = 2.0
+    retry_max_attempts: int = 3
+    retry_initial_backoff_s: float = 0.05
+    retry_max_backoff_s: float = 0.5
+    retry_throttle_max_tokens: int = 10
+    retry_throttle_token_ratio: float = 0.1
+    backend_tls_ca_file: Path | None = None
+    backend_tls_cert_file: Path | None = None
+    backend_tls_key_file: Path | None = None
+    backend_tls_server_name: str = ""
+    breaker_failure_threshold: int = 5
+    breaker_open_s: float = 5.0
+    breaker_min_principals: int = 2
+
+
 def _defaults() -> RuntimeSettings:
     """The runtime's defaults without reading the environment (the probe takes its TLS from flags)."""
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        _DEFAULTS = RuntimeSettings.model_construct(service="client")
-    return _DEFAULTS
+    return _DEFAULTS  # type: ignore[return-value]  # duck-typed: the fields a channel reads
+
+
+_DEFAULTS = ChannelDefaults()

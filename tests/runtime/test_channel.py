@@ -379,3 +379,28 @@ async def test_the_breaker_opens_after_repeated_failures(make_server: Any) -> No
             async with breaker.guard("key-1"):
                 await call(channel, "Append")
     assert len(server.of("Append")) == 5, "an open breaker lets no call through"
+
+
+def test_the_channels_own_defaults_are_the_runtime_settings_defaults() -> None:
+    """The probe's channel takes its defaults from ``ChannelDefaults`` (no pydantic at probe start):
+    they must not drift from ``RuntimeSettings``."""
+    import dataclasses
+
+    from services.runtime.channel import ChannelDefaults
+    from services.runtime.config import RuntimeSettings
+
+    runtime = RuntimeSettings.model_construct(service="client")
+    for default in dataclasses.fields(ChannelDefaults):
+        assert getattr(ChannelDefaults(), default.name) == getattr(runtime, default.name), default.name
+
+
+def test_the_probe_starts_without_loading_the_settings() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, services.runtime.probe as p; p._channel('127.0.0.1:1', None); "
+        "print('pydantic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
