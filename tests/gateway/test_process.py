@@ -38,6 +38,16 @@ def start(env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
+#: A complete order (the contract's REQUIRED fields): without risk it must fail closed, not be a 400.
+ORDER = {
+    "transactionId": "t-1",
+    "userId": "u-42",
+    "cardFingerprint": "card-9",
+    "total": {"currencyCode": "EUR", "units": "5"},
+    "occurredTime": "2026-11-29T10:00:00Z",
+}
+
+
 async def test_gateway_process_without_backends(tmp_path: Path) -> None:
     grpc_port, http_port = free_port(), free_port()
     proc = start(
@@ -69,9 +79,7 @@ async def test_gateway_process_without_backends(tmp_path: Path) -> None:
                     "sentiment",
                     "also_for_you",
                 }
-            async with http.post(
-                "/v1/gateway/assess-order", json={"order": {"amount": 5}}, headers=headers
-            ) as resp:
+            async with http.post("/v1/gateway/assess-order", json={"order": ORDER}, headers=headers) as resp:
                 assert resp.status == 503
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(proc.communicate, timeout=30)
