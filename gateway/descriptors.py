@@ -23,17 +23,14 @@ from typing import Any
 
 from cbec.common.v1 import options_pb2
 from google.api import annotations_pb2, http_pb2
-from google.protobuf import descriptor_pb2, message_factory
+from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
+
+from services.runtime.channel import RETRYABLE_LEVELS
 
 LOCAL = "gateway"
 #: Services served by every model service, routed by this request field.
 SHARED_ROUTING_FIELD = {"cbec.common.v1.ModelAdminService": "service"}
-
-#: ``option idempotency_level`` values that make a method safe to retry.
-_SAFE_TO_RETRY = frozenset(
-    {descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT}
-)
 
 
 def import_generated_modules() -> list[str]:
@@ -230,7 +227,7 @@ class MethodInfo:
     def idempotent(self) -> bool:
         """Safe to retry: the proto declares ``idempotency_level`` NO_SIDE_EFFECTS or IDEMPOTENT (a
         GET or DELETE route without one is a contract error that ``tests/gateway`` catches)."""
-        return self.method.GetOptions().idempotency_level in _SAFE_TO_RETRY
+        return self.method.GetOptions().idempotency_level in RETRYABLE_LEVELS
 
 
 @dataclass(frozen=True)
