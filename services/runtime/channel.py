@@ -19,7 +19,7 @@ health probe, the demo loader.
   (``traceparent``, with a CLIENT span when the trace is sampled: ``tracing.outgoing``).
 
 Both are added by a thin wrapper around the channel's callables (``RuntimeChannel``) rather than by
-``grpc.aio`` client interceptors (``tracing.client_interceptors``): an intercepted call is a different
+``grpc.aio`` client interceptors: an intercepted call is a different
 call object (its writes go through a queue and a task), which costs a task per call and defeats
 ``gateway.grpcfix``, which needs the plain call; the wrapper covers all four call kinds at no task.
 The circuit breaker (``breaker.py``) sits above the channel, because what counts as a failure depends

@@ -11,8 +11,7 @@ Who makes which span:
 - the runtime's server interceptor: a SERVER span per call, its parent taken from the call's metadata;
 - the client channel (``services/runtime/channel.py``, every channel between services) through
   :func:`outgoing` and :func:`end_when_done` in its call wrapper: a CLIENT span per outgoing call and
-  the ``traceparent`` it sends (:func:`client_interceptors` does the same for a plain ``grpc.aio``
-  channel, at a task per call);
+  the ``traceparent`` it sends;
 - the HTTP bridge: a SERVER span per request from its ``traceparent`` header;
 - the micro-batcher: ``queue`` and ``model`` spans under each sampled request;
 - the state stores: a CLIENT span per SQL statement or Redis round-trip under a sampled span.
@@ -305,7 +304,7 @@ def end_server_span(span: Span, code: grpc.StatusCode) -> None:
     span.end()
 
 
-# --- client side: the interceptors of every channel between services ------------------------------------
+# --- client side: the call wrapper of every channel between services ------------------------------------
 def outgoing(method: str | bytes, metadata: Any) -> tuple[Any, Span | None]:
     """``metadata`` (None, pairs or ``grpc.aio.Metadata``) with the current context's ``traceparent``
     and, when that context is sampled and the calling service is known, the CLIENT span the call of
@@ -331,13 +330,6 @@ def outgoing(method: str | bytes, metadata: Any) -> tuple[Any, Span | None]:
     _PROPAGATOR.inject(carrier, ctx)
     kept = [(k, v) for k, v in metadata or () if k not in _FIELDS]
     return grpc.aio.Metadata(*kept, *carrier.items()), span
-
-
-def _details(details: grpc.aio.ClientCallDetails) -> tuple[grpc.aio.ClientCallDetails, Span | None]:
-    metadata, span = outgoing(details.method, details.metadata)
-    if metadata is details.metadata:
-        return details, None
-    return details._replace(metadata=metadata), span
 
 
 _pending: set[asyncio.Task[None]] = set()
@@ -368,33 +360,6 @@ async def _end_client_span(call: Any, span: Span, ended_ns: int) -> None:
     if code is not grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, code.name))
     span.end(ended_ns)
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        details, span = _details(details)
-        return end_when_done(await continuation(details, request), span)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        details, span = _details(details)
-        return end_when_done(await continuation(details, request), span)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that put the current trace context on outgoing calls and record a CLIENT span for
-    each call made under a sampled span (grpc.aio files an interceptor under the first call kind it
-    implements, hence one per kind).
-
-    None while no tracing is set up in the process: an intercepted call costs grpc.aio a task, and is a
-    different call object. For that second reason only the kinds with one request message are
-    intercepted: a client- or bidi-streaming call must stay the plain call that ``gateway.grpcfix``
-    writes to. A channel that adds context in its own call wrapper uses :func:`outgoing` and
-    :func:`end_when_done` instead, for every kind, at no task per call."""
-    if not _active:
-        return []
-    return [_UnaryUnary(), _UnaryStream()]
 
 
 # --- child spans: stores, batches -----------------------------------------------------------------------
